@@ -1,0 +1,258 @@
+"""Fast columnar codec for fleetscope batches: numpy arrays <-> protobuf wire bytes.
+
+The column layout of every stream comes from the generated protobuf descriptors
+(schemas/fleetscope/v1/batch.proto), so the .proto stays the one contract. Packed
+fixed-width repeated fields are little-endian arrays on the wire: encoding a column is
+``tag + varint(len) + ndarray.tobytes()`` and decoding is ``numpy.frombuffer``. Only the
+header goes through the protobuf library (one object per batch, never per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
+
+from fleetscope.v1 import batch_pb2
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+
+# Protobuf field type -> little-endian numpy dtype of its packed encoding.
+_FIXED_DTYPES: dict[int, np.dtype] = {
+    FieldDescriptor.TYPE_FIXED32: np.dtype("<u4"),
+    FieldDescriptor.TYPE_SFIXED32: np.dtype("<i4"),
+    FieldDescriptor.TYPE_FIXED64: np.dtype("<u8"),
+    FieldDescriptor.TYPE_SFIXED64: np.dtype("<i8"),
+    FieldDescriptor.TYPE_FLOAT: np.dtype("<f4"),
+    FieldDescriptor.TYPE_DOUBLE: np.dtype("<f8"),
+}
+_WIRE_LEN = 2
+_WIRE_VARINT, _WIRE_I64, _WIRE_I32 = 0, 1, 5
+
+# Bounds on what a decoder accepts from the wire (hostile input must not allocate freely).
+MAX_BATCH_BYTES = 64 << 20
+MAX_ROWS = 1 << 20
+
+
+class BatchDecodeError(ValueError):
+    """A Kafka message is not a valid batch; the reason goes to the dead-letter topic."""
+
+    retriable: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a stream: protobuf field number, name, and numpy dtype (None: string)."""
+
+    number: int
+    name: str
+    dtype: np.dtype | None
+
+
+@dataclass(frozen=True)
+class StreamSchema:
+    """Column layout of one event kind, read from its protobuf batch message."""
+
+    stream: str
+    message: type
+    columns: tuple[Column, ...]
+
+    @property
+    def topic_suffix(self) -> str:
+        return f"{self.stream}.v{SCHEMA_MAJOR}"
+
+
+@dataclass
+class StringColumn:
+    """A dictionary-encoded string column: row i is ``values[index[i]]``."""
+
+    values: list[bytes]
+    index: np.ndarray  # uint32
+
+    def decoded(self) -> np.ndarray:
+        """Object array of str per row; rows share the dictionary's objects (no per-row str)."""
+        strs = np.array([v.decode("utf-8", "replace") for v in self.values] or [""], dtype=object)
+        return strs[self.index]
+
+
+def _schema_from_descriptor(stream: str, message: type) -> StreamSchema:
+    desc: Descriptor = message.DESCRIPTOR
+    columns = []
+    for f in desc.fields:
+        if f.name == "header":
+            continue
+        if f.message_type is not None and f.message_type.name == "StringColumn":
+            columns.append(Column(f.number, f.name, None))
+        elif f.type in _FIXED_DTYPES and f.is_repeated:
+            columns.append(Column(f.number, f.name, _FIXED_DTYPES[f.type]))
+        else:
+            raise TypeError(f"{desc.full_name}.{f.name}: columns must be packed fixed-width or StringColumn")
+    return StreamSchema(stream, message, tuple(columns))
+
+
+SCHEMAS: dict[str, StreamSchema] = {
+    s.stream: s
+    for s in (
+        _schema_from_descriptor("process_exec", batch_pb2.ProcessExecBatch),
+        _schema_from_descriptor("process_exit", batch_pb2.ProcessExitBatch),
+    )
+}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(number: int, payload: bytes) -> list[bytes]:
+    """A length-delimited field: tag, length, payload (as pieces to join once)."""
+    return [_varint((number << 3) | _WIRE_LEN), _varint(len(payload)), payload]
+
+
+def encode_strings(fixed: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Dictionary-encode a fixed-width bytes array ('S<n>', NUL padded) vectorised.
+
+    Returns (data, offsets, index) as in the StringColumn message.
+    """
+    uniq, index = np.unique(fixed, return_inverse=True)
+    width = uniq.dtype.itemsize
+    if len(uniq) == 0:
+        return b"", np.zeros(0, "<u4"), np.zeros(0, "<u4")
+    raw = np.frombuffer(uniq.tobytes(), np.uint8).reshape(len(uniq), width)
+    # numpy 'S' values have no trailing NULs, so the length is the last non-NUL + 1.
+    nonzero = raw != 0
+    lengths = np.where(nonzero.any(axis=1), width - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    data = raw[np.arange(width) < lengths[:, None]].tobytes()
+    return data, np.cumsum(lengths, dtype="<u4"), index.astype("<u4", copy=False).ravel()
+
+
+def encode_batch(schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]) -> bytes:
+    """Encode one batch. Numeric columns are arrays of the column dtype; string columns are
+    fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples."""
+    pieces: list[bytes] = _ld(1, header.SerializeToString())
+    for col in schema.columns:
+        values = columns[col.name]
+        if col.dtype is None:
+            data, offsets, index = values if isinstance(values, tuple) else encode_strings(values)
+            sub: list[bytes] = []
+            if len(data):
+                sub += _ld(1, data)
+            if len(offsets):
+                sub += _ld(2, np.ascontiguousarray(offsets, "<u4").tobytes())
+            if len(index):
+                sub += _ld(3, np.ascontiguousarray(index, "<u4").tobytes())
+            pieces += _ld(col.number, b"".join(sub))
+        elif len(values):
+            pieces += _ld(col.number, np.ascontiguousarray(values, col.dtype).tobytes())
+    return b"".join(pieces)
+
+
+@dataclass
+class DecodedBatch:
+    """A decoded batch: header and one array (or StringColumn) per column."""
+
+    header: batch_pb2.BatchHeader
+    columns: dict[str, np.ndarray | StringColumn]
+
+    @property
+    def rows(self) -> int:
+        return self.header.row_count
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise BatchDecodeError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview) -> dict[int, memoryview]:
+    """Split a message into its length-delimited fields (last one wins, as in protobuf);
+    other wire types are skipped, which is how unknown fields from newer minors pass."""
+    out: dict[int, memoryview] = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise BatchDecodeError("field number 0")
+        if wire == _WIRE_LEN:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > len(buf):
+                raise BatchDecodeError(f"field {number} declares {length} bytes, {len(buf) - pos} left")
+            out[number] = buf[pos : pos + length]
+            pos += length
+        elif wire == _WIRE_VARINT:
+            _, pos = _read_varint(buf, pos)
+        elif wire == _WIRE_I64:
+            pos += 8
+        elif wire == _WIRE_I32:
+            pos += 4
+        else:
+            raise BatchDecodeError(f"field {number} has unsupported wire type {wire}")
+    if pos != len(buf):
+        raise BatchDecodeError("truncated fixed-width field")
+    return out
+
+
+def _array(raw: memoryview | None, dtype: np.dtype, rows: int, what: str) -> np.ndarray:
+    if raw is None:
+        arr = np.zeros(0, dtype)
+    elif len(raw) % dtype.itemsize:
+        raise BatchDecodeError(f"{what}: {len(raw)} bytes is not a multiple of {dtype.itemsize}")
+    else:
+        arr = np.frombuffer(raw, dtype)
+    if rows >= 0 and len(arr) != rows:
+        raise BatchDecodeError(f"{what}: {len(arr)} values for {rows} rows")
+    return arr
+
+
+def decode_batch(schema: StreamSchema, payload: bytes) -> DecodedBatch:
+    """Decode and validate one batch; raises BatchDecodeError with the reason."""
+    if len(payload) > MAX_BATCH_BYTES:
+        raise BatchDecodeError(f"batch of {len(payload)} bytes exceeds {MAX_BATCH_BYTES}")
+    fields = _fields(memoryview(payload))
+    header = batch_pb2.BatchHeader()
+    try:
+        header.ParseFromString(bytes(fields.get(1, b"")))
+    except DecodeError as e:
+        raise BatchDecodeError(f"header: {e}") from None
+    rows = header.row_count
+    if rows > MAX_ROWS:
+        raise BatchDecodeError(f"row_count {rows} exceeds {MAX_ROWS}")
+    if header.stream != schema.stream:
+        raise BatchDecodeError(f"header says stream {header.stream!r}, topic carries {schema.stream!r}")
+    if not header.batch_id:
+        raise BatchDecodeError("header has no batch_id")
+    columns: dict[str, np.ndarray | StringColumn] = {}
+    for col in schema.columns:
+        raw = fields.get(col.number)
+        if col.dtype is not None:
+            columns[col.name] = _array(raw, col.dtype, rows, col.name)
+            continue
+        sub = _fields(raw) if raw is not None else {}
+        data = bytes(sub.get(1, b""))
+        offsets = _array(sub.get(2), np.dtype("<u4"), -1, f"{col.name}.offsets")
+        index = _array(sub.get(3), np.dtype("<u4"), rows, f"{col.name}.index")
+        if len(offsets) and (offsets[-1] != len(data) or np.any(np.diff(offsets.astype(np.int64)) < 0)):
+            raise BatchDecodeError(f"{col.name}: dictionary offsets do not describe its data")
+        if len(index) and int(index.max()) >= len(offsets):
+            raise BatchDecodeError(f"{col.name}: index {int(index.max())} outside a dictionary of {len(offsets)}")
+        starts = np.concatenate(([0], offsets[:-1])) if len(offsets) else offsets
+        values = [data[a:b] for a, b in zip(starts.tolist(), offsets.tolist(), strict=True)]
+        columns[col.name] = StringColumn(values, index)
+    return DecodedBatch(header, columns)

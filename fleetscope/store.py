@@ -1,0 +1,147 @@
+"""ClickHouse access shared by every command: connect by DSN, migrate, insert columns.
+
+One code path for both modes: ``chdb:///path`` is the embedded engine and
+``http(s)://...`` a ClickHouse server, both through clickhouse-connect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import clickhouse_connect
+from clickhouse_connect.datatypes.format import set_write_format
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
+
+from fleetscope.config import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = REPO_ROOT / "infra" / "clickhouse" / "migrations"
+DATABASE = "fleet"
+
+# clickhouse-connect writes numpy DateTime64 columns without per-element conversion only
+# when their write format is "int" (nanosecond ticks); fleetscope only ever inserts ticks.
+set_write_format("DateTime64", "int")
+
+
+class StoreError(RuntimeError):
+    """ClickHouse could not be reached or refused a statement."""
+
+    retriable: ClassVar[bool] = True
+
+
+class MigrationError(StoreError):
+    """The migration history does not match the files; needs an operator."""
+
+    retriable: ClassVar[bool] = False
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***, safe to log."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(dsn: str) -> Client:
+    """Open a clickhouse-connect client for a DSN; raises StoreError with the masked DSN."""
+    if dsn.startswith("chdb://"):
+        path = urlsplit(dsn).path
+        if path:
+            Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        return clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
+    except (ClickHouseError, OSError, RuntimeError) as e:
+        raise StoreError(f"cannot connect to ClickHouse at {mask_dsn(dsn)}: {first_line(e)}") from e
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Numbered files NNNN_<what>.sql, one statement each, in version order."""
+    out = []
+    for path in sorted(directory.glob("*.sql")):
+        m = re.fullmatch(r"(\d{4})_(\w+)\.sql", path.name)
+        if not m:
+            raise MigrationError(f"{path}: migration files are named NNNN_<what>.sql")
+        out.append(Migration(int(m.group(1)), m.group(2), path.read_text()))
+    return out
+
+
+def migrate(client: Client, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Apply the migrations not yet recorded in fleet.schema_migrations; returns those applied.
+
+    Idempotent and safe to run from several ingesters at once: every statement is
+    IF NOT EXISTS and schema_migrations collapses duplicate versions.
+    """
+    client.command(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS `{DATABASE}`.`schema_migrations` ("
+        "`version` UInt32, `name` String, `checksum` String, "
+        "`applied_at` DateTime64(3, 'UTC') DEFAULT now64(3)) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    rows = client.query(f"SELECT version, checksum FROM `{DATABASE}`.`schema_migrations` FINAL").result_rows
+    applied = {int(v): c for v, c in rows}
+    done = []
+    for mig in load_migrations(directory):
+        if mig.version in applied:
+            if applied[mig.version] != mig.checksum:
+                raise MigrationError(
+                    f"migration {mig.version:04d}_{mig.name} changed after it was applied; "
+                    "add a new numbered migration instead of editing an applied one"
+                )
+            continue
+        try:
+            client.command(mig.sql)
+        except DatabaseError as e:
+            raise MigrationError(f"migration {mig.version:04d}_{mig.name} failed: {first_line(e)}") from e
+        client.insert(
+            f"{DATABASE}.schema_migrations",
+            [[mig.version, mig.name, mig.checksum]],
+            column_names=["version", "name", "checksum"],
+        )
+        log.info("applied migration %04d_%s", mig.version, mig.name)
+        done.append(mig)
+    return done
+
+
+def table_types(client: Client, table: str) -> dict[str, str]:
+    """Column name -> ClickHouse type of fleet.<table>, for inserts without a DESCRIBE each."""
+    res = client.query(
+        "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+        parameters={"db": DATABASE, "t": table},
+    )
+    return {n: t for n, t in res.result_rows}
+
+
+def is_retriable(e: BaseException) -> bool:
+    """Connection trouble and server-side failures are retried; bad data is not."""
+    return isinstance(e, OperationalError | OSError | StoreError) and getattr(e, "retriable", True)
+
+
+def query_table(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
+    res = client.query(sql, parameters=parameters)
+    return list(res.column_names), [tuple(r) for r in res.result_rows]

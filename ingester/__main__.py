@@ -1,0 +1,7 @@
+"""`python -m ingester` is `fleetscope ingest`."""
+
+import sys
+
+from fleetscope.cli import main
+
+sys.exit(main(["ingest", *sys.argv[1:]]))

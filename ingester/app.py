@@ -1,0 +1,189 @@
+"""`fleetscope ingest`: a Kafka consumer-group member that loads batches into ClickHouse.
+
+At-least-once consumption plus insert deduplication on the batch id: offsets are
+committed only after ClickHouse acknowledged every batch up to them, so a crash or a
+rebalance redelivers, and the redelivered batch is deduplicated by ClickHouse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from fleetscope.codec import SCHEMAS, SCHEMA_MAJOR, BatchDecodeError
+from fleetscope.config import IngestSettings
+from fleetscope.retry import Backoff
+from fleetscope.store import connect, first_line, mask_dsn, migrate
+from ingester.load import BatchLoader, Loaded
+
+log = logging.getLogger(__name__)
+
+
+def topic_for(prefix: str, stream: str) -> str:
+    return f"{prefix}.{stream}.v{SCHEMA_MAJOR}"
+
+
+class Ingester:
+    """Owns the consumer, the DLQ producer and the ClickHouse loader."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.counters: Counter[str] = Counter()
+        self.healthy = False
+        self._stop = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._loader: BatchLoader | None = None
+        self._topics = {topic_for(settings.topic_prefix, s): s for s in SCHEMAS}
+
+    async def __aenter__(self) -> Ingester:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _sleep_unless_stopped(self, delay: float) -> bool:
+        """Wait delay seconds; True if a stop was requested meanwhile."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), delay)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Run fn until it succeeds (True) or a stop is requested (False), with backoff."""
+        backoff = Backoff(self.settings.retry_backoff_max)
+        while True:
+            try:
+                await fn()
+                return True
+            except Exception as e:  # noqa: BLE001 - every start-up failure is retried, and said
+                delay = backoff.next()
+                log.warning("%s failed: %s; retrying in %.1fs", what, first_line(e), delay)
+                self.counters[f"{what}_retries"] += 1
+                if await self._sleep_unless_stopped(delay):
+                    return False
+
+    async def start(self) -> None:
+        s = self.settings
+
+        async def open_store() -> None:
+            client = await asyncio.to_thread(connect, s.clickhouse)
+            await asyncio.to_thread(migrate, client)
+            self._loader = BatchLoader(client)
+
+        if not await self._retry("clickhouse", open_store):
+            return
+        log.info("clickhouse ready at %s", mask_dsn(s.clickhouse))
+
+        async def open_kafka() -> None:
+            consumer = AIOKafkaConsumer(
+                *self._topics,
+                bootstrap_servers=list(s.brokers),
+                group_id=s.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=16 << 20,
+                fetch_max_bytes=64 << 20,
+            )
+            producer = AIOKafkaProducer(bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=True)
+            try:
+                await consumer.start()
+                await producer.start()
+            except BaseException:
+                await consumer.stop()
+                await producer.stop()
+                raise
+            self._consumer, self._producer = consumer, producer
+
+        if not await self._retry("kafka", open_kafka):
+            return
+        log.info("consuming %s as group %s from %s", ", ".join(self._topics), s.group_id, ",".join(s.brokers))
+        self.healthy = True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Poll, load, commit; until request_stop()."""
+        if self._consumer is None:
+            return  # stopped before start completed
+        while not self._stop.is_set():
+            polled = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_poll_records)
+            for tp, records in polled.items():
+                if not await self._load_partition(tp, records):
+                    return  # stopped in the middle of retrying: nothing more is committed
+
+    async def _load_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
+        assert self._consumer is not None
+        for rec in records:
+            if not await self._load_record(rec):
+                return False
+        try:
+            await self._consumer.commit({tp: records[-1].offset + 1})
+            self.counters["commits"] += 1
+        except (CommitFailedError, KafkaError) as e:
+            # A rebalance took the partition; its new owner gets the batches again and
+            # ClickHouse deduplicates them on the batch id.
+            log.warning("commit of %s failed (%s); the batches will be redelivered", tp, first_line(e))
+        return True
+
+    async def _load_record(self, rec: ConsumerRecord) -> bool:
+        """Load one batch, retrying ClickHouse until it acknowledges; False if stopped."""
+        assert self._loader is not None
+        stream = self._topics.get(rec.topic, "")
+        try:
+            batch = self._loader.decode(stream, rec.value or b"")
+        except BatchDecodeError as e:
+            await self._dead_letter(rec, str(e))
+            return True
+        self.counters["batches_decoded"] += 1
+        backoff = Backoff(self.settings.retry_backoff_max)
+        while True:
+            started = time.monotonic()
+            try:
+                loaded: Loaded = await asyncio.to_thread(self._loader.insert, batch)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure of the store is retried
+                self.healthy = False
+                self.counters["insert_retries"] += 1
+                delay = backoff.next()
+                log.warning("insert of %s failed: %s; retrying in %.1fs (offsets not committed)",
+                            batch.header.batch_id, first_line(e), delay)  # fmt: skip
+                if await self._sleep_unless_stopped(delay):
+                    return False
+        if not self.healthy:
+            log.info("clickhouse inserts succeed again")
+        self.healthy = True
+        self.counters["batches_inserted"] += 1
+        self.counters["rows_inserted"] += loaded.rows_written
+        self.counters["batches_duplicate"] += loaded.duplicate
+        self.counters["insert_seconds_total_ms"] += int((time.monotonic() - started) * 1000)
+        return True
+
+    async def _dead_letter(self, rec: ConsumerRecord, reason: str) -> None:
+        assert self._producer is not None
+        headers = [
+            ("fs-dlq-reason", reason.encode()[:1024]),
+            ("fs-source", f"{rec.topic}/{rec.partition}@{rec.offset}".encode()),
+            *[(k, v) for k, v in (rec.headers or ())],
+        ]
+        await self._producer.send_and_wait(self.settings.dlq_topic, rec.value, key=rec.key, headers=headers)
+        self.counters["batches_dead_lettered"] += 1
+        log.warning("batch at %s/%d@%d dead-lettered: %s", rec.topic, rec.partition, rec.offset, reason)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        consumer, producer = self._consumer, self._producer
+        self._consumer = self._producer = None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()

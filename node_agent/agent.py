@@ -1,0 +1,139 @@
+"""The node agent: probes -> ring buffers -> batcher -> sink.
+
+Ring buffers are drained in bulk when their fd turns readable (the BPF side forces a
+wakeup only once `wakeup_bytes` are waiting) and on a short tick, so low event rates
+still ship within the batch age bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from fleetscope.config import AgentOptions
+from node_agent.batcher import Batcher, node_identity
+from node_agent.errors import ProbeError
+from node_agent.loader import LoadedProbe, load_probe
+from node_agent.shipper import BatchSink
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.1
+
+
+@dataclass
+class ProbeStatus:
+    """What the agent reports per probe: running, or disabled with the reason."""
+
+    name: str
+    running: bool
+    reason: str = ""
+    streams: tuple[str, ...] = ()
+
+
+@dataclass
+class AgentStats:
+    """Counters for the status line and the logs, per stream."""
+
+    records_read: Counter[str] = field(default_factory=Counter)
+    kernel_emitted: Counter[str] = field(default_factory=Counter)
+    kernel_dropped: Counter[str] = field(default_factory=Counter)
+
+
+class Agent:
+    """Owns the loaded probes, the batcher and the drain loop; hands batches to a sink."""
+
+    def __init__(self, settings: AgentOptions, sink: BatchSink) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.batcher = Batcher(
+            node_identity(settings.node),
+            settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age,
+        )  # fmt: skip
+        self.stats = AgentStats()
+        self.status: dict[str, ProbeStatus] = {}
+        self._probes: list[LoadedProbe] = []
+        self._tick: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load every configured probe; one that fails is disabled alone, with its reason."""
+        self._loop = asyncio.get_running_loop()
+        await self.sink.start()
+        for name in self.settings.probes:
+            try:
+                probe = load_probe(name, self.settings)
+            except ProbeError as e:
+                self.status[name] = ProbeStatus(name, False, str(e))
+                log.error("probe %s disabled: %s", name, e)
+                continue
+            self._probes.append(probe)
+            self.status[name] = ProbeStatus(name, True, streams=tuple(probe.rings))
+            for ring in probe.rings.values():
+                self._loop.add_reader(ring.fileno(), self.drain)
+            log.info("probe %s running: %s", name, ", ".join(probe.rings))
+        if not self._probes:
+            reasons = "; ".join(f"{s.name}: {s.reason}" for s in self.status.values())
+            raise ProbeError(f"no probe could be loaded ({reasons})")
+        self._tick = asyncio.create_task(self._ticker(), name="agent-tick")
+        self._tick.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("agent drain loop failed: %r", task.exception())
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.drain()
+            for batch in self.batcher.due():
+                self.sink.submit(batch)
+
+    def drain(self) -> None:
+        """Move every committed record from the ring buffers into the batcher."""
+        for probe in self._probes:
+            for stream, ring in probe.rings.items():
+                records = ring.drain()
+                if len(records):
+                    self.stats.records_read[stream] += len(records)
+                    for batch in self.batcher.add(stream, records):
+                        self.sink.submit(batch)
+
+    def read_kernel_counters(self) -> None:
+        for probe in self._probes:
+            for stream, c in probe.stats().items():
+                self.stats.kernel_emitted[stream] = c["emitted"]
+                self.stats.kernel_dropped[stream] = c["dropped"]
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Detach probes, drain the rings, flush batches, then let the sink deliver them."""
+        if self._tick is None and not self._probes:
+            return
+        started = time.monotonic()
+        if self._tick is not None:
+            self._tick.cancel()
+            await asyncio.gather(self._tick, return_exceptions=True)
+            self._tick = None
+        for probe in self._probes:
+            probe.detach()  # no new events; what is in the rings is still read below
+        self.drain()
+        self.read_kernel_counters()
+        for batch in self.batcher.flush():
+            self.sink.submit(batch)
+        for probe in self._probes:
+            for ring in probe.rings.values():
+                if self._loop is not None:
+                    self._loop.remove_reader(ring.fileno())
+            probe.close()
+        self._probes = []
+        await self.sink.stop(max(0.0, drain_timeout - (time.monotonic() - started)))

@@ -1,0 +1,118 @@
+"""The fast columnar codec and the official protobuf library agree, both ways."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fleetscope import codec
+from fleetscope.codec import SCHEMAS, BatchDecodeError, decode_batch, encode_batch
+from fleetscope.v1 import batch_pb2
+
+rng = np.random.default_rng(7)
+
+
+def header(stream: str, rows: int) -> batch_pb2.BatchHeader:
+    h = batch_pb2.BatchHeader(stream=stream, batch_id=f"m-{stream}-1-1", epoch=1, sequence=1, row_count=rows)
+    h.node.host_name = "node-a"
+    return h
+
+
+def exec_columns(n: int) -> dict[str, np.ndarray]:
+    names = np.array([b"sh", b"python3", b"", b"x" * 16][: max(1, min(n, 4))] * n, dtype="S16")[:n]
+    return {
+        "time": rng.integers(0, 2**63, n, dtype=np.uint64),
+        "pid": rng.integers(0, 2**32, n, dtype=np.uint32),
+        "ppid": rng.integers(0, 2**32, n, dtype=np.uint32),
+        "uid": np.zeros(n, np.uint32),
+        "cgroup_id": rng.integers(0, 2**64 - 1, n, dtype=np.uint64),
+        "comm": names,
+        "filename": np.array([f"/usr/bin/p{i % 7}".encode() for i in range(n)], dtype="S256"),
+        "args": np.array([f"p --n {i} ünï".encode() for i in range(n)], dtype="S1024"),
+        "argc": np.full(n, 3, np.uint32),
+        "args_truncated": np.zeros(n, np.uint32),
+    }
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1000])
+def test_fast_encoder_bytes_parse_with_protobuf(n: int) -> None:
+    cols = exec_columns(n)
+    wire = encode_batch(SCHEMAS["process_exec"], header("process_exec", n), cols)
+    msg = batch_pb2.ProcessExecBatch.FromString(wire)
+    assert msg.header.row_count == n and msg.header.node.host_name == "node-a"
+    assert list(msg.pid) == cols["pid"].tolist()
+    assert list(msg.time) == cols["time"].tolist()
+    assert list(msg.cgroup_id) == cols["cgroup_id"].tolist()
+    for name in ("comm", "filename", "args"):
+        sc = getattr(msg, name)
+        ends = list(sc.offsets)
+        values = [sc.data[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        assert [values[i] for i in sc.index] == cols[name].tolist()
+    assert len(set(msg.comm.index)) == len(msg.comm.offsets)  # dictionary holds distinct values
+
+
+@pytest.mark.parametrize("n", [0, 1, 777])
+def test_protobuf_bytes_decode_with_fast_decoder(n: int) -> None:
+    msg = batch_pb2.ProcessExitBatch(header=header("process_exit", n))
+    codes = rng.integers(-(2**31), 2**31, n, dtype=np.int32)
+    msg.exit_code.extend(codes.tolist())
+    msg.pid.extend(range(n))
+    msg.ppid.extend([1] * n)
+    msg.cgroup_id.extend([2**64 - 1] * n)
+    msg.signal.extend([9] * n)
+    msg.duration_ns.extend(range(0, 3 * n, 3))
+    msg.time.extend(range(n))
+    msg.comm.data = b"abcdef"
+    msg.comm.offsets.extend([3, 6])
+    msg.comm.index.extend([i % 2 for i in range(n)])
+    out = decode_batch(SCHEMAS["process_exit"], msg.SerializeToString())
+    assert out.columns["exit_code"].tolist() == codes.tolist()
+    assert out.columns["cgroup_id"].tolist() == [2**64 - 1] * n
+    assert out.columns["duration_ns"].tolist() == list(range(0, 3 * n, 3))
+    assert out.columns["comm"].decoded().tolist() == ["abc", "def"] * (n // 2) + ["abc"] * (n % 2)
+
+
+def test_unknown_fields_from_a_newer_minor_are_skipped() -> None:
+    msg = batch_pb2.ProcessExitBatch(header=header("process_exit", 2))
+    for f in ("time", "pid", "ppid", "cgroup_id", "signal", "duration_ns", "exit_code"):
+        getattr(msg, f).extend([1, 2])
+    msg.comm.data = b"a"
+    msg.comm.offsets.append(1)
+    msg.comm.index.extend([0, 0])
+    wire = msg.SerializeToString()
+    # field 99 varint, field 100 length-delimited, field 101 fixed64, field 102 fixed32
+    extra = bytes([0x98, 0x06, 0x05]) + bytes([0xA2, 0x06, 0x02, 0x41, 0x42])
+    extra += bytes([0xA9, 0x06]) + b"\0" * 8 + bytes([0xB5, 0x06]) + b"\0" * 4
+    out = decode_batch(SCHEMAS["process_exit"], wire + extra)
+    assert out.columns["pid"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda w: w[:-3], "declares"),
+        (lambda w: b"\x0a\xff\xff\xff\x7f" + w, "declares"),
+        (lambda w: w + b"\x80", "varint"),
+    ],
+)
+def test_malformed_input_raises_decode_error(mutate, reason: str) -> None:
+    wire = encode_batch(SCHEMAS["process_exec"], header("process_exec", 10), exec_columns(10))
+    with pytest.raises(BatchDecodeError, match=reason):
+        decode_batch(SCHEMAS["process_exec"], mutate(wire))
+
+
+def test_absurd_dictionary_index_is_rejected() -> None:
+    msg = batch_pb2.ProcessExitBatch(header=header("process_exit", 1))
+    for f in ("time", "pid", "ppid", "cgroup_id", "signal", "duration_ns", "exit_code"):
+        getattr(msg, f).append(0)
+    msg.comm.data = b"a"
+    msg.comm.offsets.append(1)
+    msg.comm.index.append(4_000_000_000)
+    with pytest.raises(BatchDecodeError, match="outside a dictionary"):
+        decode_batch(SCHEMAS["process_exit"], msg.SerializeToString())
+
+
+def test_schema_columns_come_from_the_proto() -> None:
+    cols = {c.name: c for c in SCHEMAS["process_exit"].columns}
+    assert cols["exit_code"].dtype == np.dtype("<i4") and cols["comm"].dtype is None
+    assert codec.SCHEMAS["process_exec"].topic_suffix == "process_exec.v1"
