@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -26,6 +27,7 @@ from fleetscope.config import (
     RunSettings,
 )
 from fleetscope.store import StoreError, connect, mask_dsn, migrate
+from node_agent.errors import ProbeError
 
 log = logging.getLogger("fleetscope")
 
@@ -50,7 +52,9 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. {cls.__doc__ or ''}")
         config.add_arguments(p, cls)
         if name == "query":
-            p.add_argument("sql", metavar="SQL", help="the query, e.g. \"SELECT count() FROM fleet.process_exec\"")
+            p.add_argument(
+                "sql", metavar="SQL", help='the query, e.g. "SELECT count() FROM fleet.process_exec"'
+            )
     return top
 
 
@@ -62,10 +66,8 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 async def wait_stop(stop: asyncio.Event, duration: float) -> None:
     if duration > 0:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration)
-        except TimeoutError:
-            pass
     else:
         await stop.wait()
 
@@ -116,23 +118,25 @@ async def _forward_stop(stop: asyncio.Event, request: Any) -> None:
 
 
 async def cmd_run(s: RunSettings) -> int:
-    from node_agent.agent import Agent
     from ingester.local import LocalIngest
+    from node_agent.agent import Agent
     from node_agent.status import StatusReporter
 
     stop = asyncio.Event()
     install_stop_signals(stop)
     local = await LocalIngest.open(s.clickhouse)
-    agent = Agent(s, local.sink())
-    await agent.start()
-    mode = s.status if s.status != "auto" else ("line" if sys.stderr.isatty() else "log")
-    reporter = StatusReporter(agent, local, mode, 1.0 if mode == "line" else s.status_interval)
     try:
-        async with reporter:
-            await wait_stop(stop, s.duration)
+        agent = Agent(s, local.sink())
+        await agent.start()
+        mode = s.status if s.status != "auto" else ("line" if sys.stderr.isatty() else "log")
+        reporter = StatusReporter(agent, local, mode, 1.0 if mode == "line" else s.status_interval)
+        try:
+            async with reporter:
+                await wait_stop(stop, s.duration)
+        finally:
+            await agent.stop()
+            reporter.report(final=True)
     finally:
-        await agent.stop()
-        reporter.report(final=True)
         local.close()
     print(f"data in {s.data_dir}; try: fleetscope query --data-dir {s.data_dir} "
           "\"SELECT comm, count() FROM fleet.process_exec GROUP BY comm ORDER BY 2 DESC LIMIT 10\"",
@@ -176,7 +180,9 @@ def render_table(names: Sequence[str], rows: Sequence[Sequence[Any]], max_width:
     widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        )
 
     out = [line(list(names)), "  ".join("-" * w for w in widths), *(line(r) for r in cells)]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
@@ -209,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fleetscope {command}: configuration error: {e}", file=sys.stderr)
         return 2
+    except ProbeError as e:
+        print(f"fleetscope {command}: {e}", file=sys.stderr)
+        return 1
     except (StoreError, OSError) as e:
         print(f"fleetscope {command}: {e}", file=sys.stderr)
         return 1

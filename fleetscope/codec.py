@@ -134,7 +134,9 @@ def encode_strings(fixed: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
     return data, np.cumsum(lengths, dtype="<u4"), index.astype("<u4", copy=False).ravel()
 
 
-def encode_batch(schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]) -> bytes:
+def encode_batch(
+    schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]
+) -> bytes:
     """Encode one batch. Numeric columns are arrays of the column dtype; string columns are
     fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples."""
     pieces: list[bytes] = _ld(1, header.SerializeToString())
@@ -251,7 +253,9 @@ def decode_batch(schema: StreamSchema, payload: bytes) -> DecodedBatch:
         if len(offsets) and (offsets[-1] != len(data) or np.any(np.diff(offsets.astype(np.int64)) < 0)):
             raise BatchDecodeError(f"{col.name}: dictionary offsets do not describe its data")
         if len(index) and int(index.max()) >= len(offsets):
-            raise BatchDecodeError(f"{col.name}: index {int(index.max())} outside a dictionary of {len(offsets)}")
+            raise BatchDecodeError(
+                f"{col.name}: index {int(index.max())} outside a dictionary of {len(offsets)}"
+            )
         starts = np.concatenate(([0], offsets[:-1])) if len(offsets) else offsets
         values = [data[a:b] for a, b in zip(starts.tolist(), offsets.tolist(), strict=True)]
         columns[col.name] = StringColumn(values, index)

@@ -157,7 +157,9 @@ class AgentOptions:
     args_max: int = opt(512, _positive_int, "bytes of argv captured per exec (at most 1024)")
     ring_bytes: int = opt(8 << 20, _size, "ring buffer size per event kind (power of 2, >= 4096)")
     batch_max_rows: int = opt(16384, _positive_int, "a batch is shipped at this many rows")
-    batch_max_bytes: int = opt(1 << 20, _size, "... or this many bytes (keep under the broker's message.max.bytes)")
+    batch_max_bytes: int = opt(
+        1 << 20, _size, "... or this many bytes (keep under the broker's message.max.bytes)"
+    )
     batch_max_age: float = opt(1.0, _duration, "... or when its oldest row is this old")
     status_interval: float = opt(10.0, _duration, "how often the agent logs its counters")
 
@@ -205,7 +207,9 @@ class RunSettings(Common, AgentOptions):
 
     data_dir: Path = opt(Path("./data"), _path, "where the embedded ClickHouse keeps its data")
     duration: float = opt(0.0, _duration, "stop after this long (0: run until Ctrl-C)")
-    status: str = opt("auto", _choice("auto", "line", "log", "off"), "live status: one line on a TTY, log lines otherwise")
+    status: str = opt(
+        "auto", _choice("auto", "line", "log", "off"), "live status: one line on a TTY, log lines otherwise"
+    )
 
     @property
     def clickhouse(self) -> str:
@@ -244,8 +248,12 @@ def env_name(key: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per setting; defaults are SUPPRESSed so we can tell 'not given'."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help=f"YAML file of settings (env {CONFIG_ENV})")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"YAML file of settings (env {CONFIG_ENV})",
+    )
     for f in fields(cls):
         meta = f.metadata
         default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)

@@ -59,6 +59,9 @@ def connect(dsn: str) -> Client:
         if path:
             Path(path).mkdir(parents=True, exist_ok=True)
     try:
+        if dsn.startswith("chdb://"):
+            return clickhouse_connect.get_client(dsn=dsn)
+        # no HTTP session: inserts from concurrent threads must not collide on one
         return clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
     except (ClickHouseError, OSError, RuntimeError) as e:
         raise StoreError(f"cannot connect to ClickHouse at {mask_dsn(dsn)}: {first_line(e)}") from e
@@ -142,6 +145,8 @@ def is_retriable(e: BaseException) -> bool:
     return isinstance(e, OperationalError | OSError | StoreError) and getattr(e, "retriable", True)
 
 
-def query_table(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
+def query_table(
+    client: Client, sql: str, parameters: dict[str, Any] | None = None
+) -> tuple[list[str], list[tuple]]:
     res = client.query(sql, parameters=parameters)
     return list(res.column_names), [tuple(r) for r in res.result_rows]

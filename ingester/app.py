@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from fleetscope.codec import SCHEMAS, SCHEMA_MAJOR, BatchDecodeError
+from fleetscope.codec import SCHEMA_MAJOR, SCHEMAS, BatchDecodeError
 from fleetscope.config import IngestSettings
 from fleetscope.retry import Backoff
 from fleetscope.store import connect, first_line, mask_dsn, migrate
@@ -64,7 +64,7 @@ class Ingester:
             try:
                 await fn()
                 return True
-            except Exception as e:  # noqa: BLE001 - every start-up failure is retried, and said
+            except Exception as e:
                 delay = backoff.next()
                 log.warning("%s failed: %s; retrying in %.1fs", what, first_line(e), delay)
                 self.counters[f"{what}_retries"] += 1
@@ -93,7 +93,9 @@ class Ingester:
                 max_partition_fetch_bytes=16 << 20,
                 fetch_max_bytes=64 << 20,
             )
-            producer = AIOKafkaProducer(bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=True)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=True
+            )
             try:
                 await consumer.start()
                 await producer.start()
@@ -151,7 +153,7 @@ class Ingester:
             try:
                 loaded: Loaded = await asyncio.to_thread(self._loader.insert, batch)
                 break
-            except Exception as e:  # noqa: BLE001 - any failure of the store is retried
+            except Exception as e:
                 self.healthy = False
                 self.counters["insert_retries"] += 1
                 delay = backoff.next()

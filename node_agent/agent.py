@@ -12,6 +12,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fleetscope.config import AgentOptions
 from node_agent.batcher import Batcher, node_identity
@@ -22,6 +23,27 @@ from node_agent.shipper import BatchSink
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.1
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+# capability bits (linux/capability.h)
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+
+
+def check_host() -> None:
+    """Say in one line what this machine lacks for CO-RE probes, before trying to load."""
+    if not VMLINUX_BTF.exists():
+        raise ProbeError(
+            f"this kernel has no BTF ({VMLINUX_BTF} is missing): the CO-RE probes need a kernel "
+            "built with CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.4 are)"
+        )
+    status = Path("/proc/self/status").read_text()
+    cap_eff = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), 16)
+    has = lambda bit: bool(cap_eff >> bit & 1)  # noqa: E731
+    if not (has(_CAP_BPF) and has(_CAP_PERFMON)) and not has(_CAP_SYS_ADMIN):
+        missing = [n for n, b in (("CAP_BPF", _CAP_BPF), ("CAP_PERFMON", _CAP_PERFMON)) if not has(b)]
+        raise ProbeError(
+            f"missing capabilities {', '.join(missing)}: run the agent as root, or grant them "
+            "(systemd AmbientCapabilities=, or setcap cap_bpf,cap_perfmon+ep on the interpreter)"
+        )
 
 
 @dataclass
@@ -68,6 +90,7 @@ class Agent:
 
     async def start(self) -> None:
         """Load every configured probe; one that fails is disabled alone, with its reason."""
+        check_host()
         self._loop = asyncio.get_running_loop()
         await self.sink.start()
         for name in self.settings.probes:
@@ -83,6 +106,7 @@ class Agent:
                 self._loop.add_reader(ring.fileno(), self.drain)
             log.info("probe %s running: %s", name, ", ".join(probe.rings))
         if not self._probes:
+            await self.sink.stop(0)
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in self.status.values())
             raise ProbeError(f"no probe could be loaded ({reasons})")
         self._tick = asyncio.create_task(self._ticker(), name="agent-tick")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetscope import __version__
-from fleetscope.codec import SCHEMAS, SCHEMA_MINOR, encode_batch
+from fleetscope.codec import SCHEMA_MINOR, SCHEMAS, encode_batch
 from fleetscope.v1 import batch_pb2
 
 
@@ -162,7 +162,9 @@ class Batcher:
         """Batches whose oldest row reached max age."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         return [
-            self._cut(s) for s, p in list(self._pending.items()) if p.rows and now_ns - p.first_ns >= self.max_age_ns
+            self._cut(s)
+            for s, p in list(self._pending.items())
+            if p.rows and now_ns - p.first_ns >= self.max_age_ns
         ]
 
     def flush(self) -> list[Batch]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ class QueueSink:
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: Batch | None = None
         self.failure: BaseException | None = None
 
     def submit(self, batch: Batch) -> None:
@@ -72,28 +74,25 @@ class QueueSink:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            batch = self._queue[0]
+            # the batch being delivered leaves the queue, so a drop-oldest never takes it
+            batch = self._inflight = self._queue.popleft()
             await self.deliver(batch)
-            self._queue.popleft()
+            self._inflight = None
             self.counters[f"{batch.stream}.batches_shipped"] += 1
             self.counters[f"{batch.stream}.rows_shipped"] += batch.rows
 
     async def deliver(self, batch: Batch) -> None:
         raise NotImplementedError
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def stop(self, drain_timeout: float) -> None:
         """Deliver what is queued within drain_timeout; count what had to be abandoned."""
         if self._task is None:
             return
         if self._queue and self.failure is None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), drain_timeout)
-            except TimeoutError:
-                pass
+        if self._inflight is not None:
+            self._queue.appendleft(self._inflight)
         for batch in self._queue:
             self.counters[f"{batch.stream}.batches_dropped"] += 1
             self.counters[f"{batch.stream}.rows_dropped"] += batch.rows
@@ -149,7 +148,7 @@ class KafkaSink(QueueSink):
             )
             try:
                 await producer.start()
-            except Exception as e:  # noqa: BLE001 - an unreachable broker is retried
+            except Exception as e:
                 await producer.stop()
                 delay = backoff.next()
                 self.counters["kafka_connect_retries"] += 1
@@ -172,7 +171,7 @@ class KafkaSink(QueueSink):
                     batch.payload, key=batch.key, headers=batch.headers(),
                 )  # fmt: skip
                 return
-            except Exception as e:  # noqa: BLE001 - the batch stays queued and is retried
+            except Exception as e:
                 self.counters["kafka_send_retries"] += 1
                 delay = backoff.next()
                 log.warning("sending %s failed (%s); retrying in %.1fs", batch.batch_id, first_line(e), delay)

@@ -47,9 +47,13 @@ class StatusReporter:
         st = self.agent.stats
         now = time.monotonic()
         then, before = self._last
-        rates = " ".join(
-            f"{s}={(n - before[s]) / max(now - then, 1e-9):.0f}/s" for s, n in sorted(st.records_read.items())
-        ) or "no events yet"
+        rates = (
+            " ".join(
+                f"{s}={(n - before[s]) / max(now - then, 1e-9):.0f}/s"
+                for s, n in sorted(st.records_read.items())
+            )
+            or "no events yet"
+        )
         self._last = (now, Counter(st.records_read))
         sink = self.agent.sink.counters
         shipped = sum(v for k, v in sink.items() if k.endswith(".rows_shipped"))

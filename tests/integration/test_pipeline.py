@@ -101,12 +101,14 @@ async def marker_offsets(bootstrap: str, marker: str, want: int) -> dict[TopicPa
     return last
 
 
-async def wait_committed(bootstrap: str, group: str, offsets: dict[TopicPartition, int], timeout: float) -> float:
+async def wait_committed(
+    bootstrap: str, group: str, offsets: dict[TopicPartition, int], within: float
+) -> float:
     """Poll the group's committed offsets until they cover `offsets`; returns when."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             done = True
             for tp, off in offsets.items():
@@ -117,7 +119,7 @@ async def wait_committed(bootstrap: str, group: str, offsets: dict[TopicPartitio
             await asyncio.sleep(0.05)
     finally:
         await consumer.stop()
-    raise AssertionError(f"group {group} did not commit {offsets} within {timeout}s")
+    raise AssertionError(f"group {group} did not commit {offsets} within {within}s")
 
 
 async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def test_fast_encoder_bytes_parse_with_protobuf(n: int) -> None:
     for name in ("comm", "filename", "args"):
         sc = getattr(msg, name)
         ends = list(sc.offsets)
-        values = [sc.data[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        values = [sc.data[a:b] for a, b in zip([0, *ends], ends, strict=False)]
         assert [values[i] for i in sc.index] == cols[name].tolist()
     assert len(set(msg.comm.index)) == len(msg.comm.offsets)  # dictionary holds distinct values
 

@@ -60,8 +60,8 @@ def test_query_needs_exactly_one_store() -> None:
 
 
 def test_cli_exits_2_with_the_key_and_help_lists_env_and_key() -> None:
-    run = subprocess.run([sys.executable, "-m", "fleetscope", "agent", "--batch-max-rows", "-3", "--brokers", "h:1"],
-                         capture_output=True, text=True)  # fmt: skip
+    argv = ["agent", "--batch-max-rows", "-3", "--brokers", "h:1"]
+    run = subprocess.run([sys.executable, "-m", "fleetscope", *argv], capture_output=True, text=True)
     assert run.returncode == 2
     assert "batch_max_rows: bad value '-3' from --batch-max-rows: must be a positive integer" in run.stderr
     help_text = subprocess.run([sys.executable, "-m", "fleetscope", "ingest", "--help"],
@@ -77,3 +77,14 @@ def test_query_prints_a_table(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert out.splitlines() == ["n  s", "-  -", "0  0", "1  2", "2  4", "(3 rows)"]
+
+
+def test_every_setting_is_documented() -> None:
+    from dataclasses import fields
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    for name, (cls, _) in cli.COMMANDS.items():
+        section = doc.split(f"## `fleetscope {name}`")[1].split("\n## ")[0]
+        for f in fields(cls):
+            row = f"| `--{f.name.replace('_', '-')}` | `{config.env_name(f.name)}` | `{f.name}` |"
+            assert row in section, f"docs/configuration.md lacks {name} {f.name}"
