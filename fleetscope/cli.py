@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fleetscope import __version__, config
@@ -210,8 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_query(settings, sql)
         if command == "migrate":
             return cmd_migrate(settings)
-        runner = {"run": cmd_run, "agent": cmd_agent, "ingest": cmd_ingest}[command]
-        return asyncio.run(runner(settings))
+        runners: dict[str, Callable[[Any], Coroutine[Any, Any, int]]] = {
+            "run": cmd_run, "agent": cmd_agent, "ingest": cmd_ingest,
+        }  # fmt: skip
+        return asyncio.run(runners[command](settings))
     except ConfigError as e:
         print(f"fleetscope {command}: configuration error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from fleetscope.v1 import batch_pb2
 
@@ -58,7 +58,7 @@ class StreamSchema:
     """Column layout of one event kind, read from its protobuf batch message."""
 
     stream: str
-    message: type
+    message: type[Message]
     columns: tuple[Column, ...]
 
     @property
@@ -79,7 +79,7 @@ class StringColumn:
         return strs[self.index]
 
 
-def _schema_from_descriptor(stream: str, message: type) -> StreamSchema:
+def _schema_from_descriptor(stream: str, message: type[Message]) -> StreamSchema:
     desc: Descriptor = message.DESCRIPTOR
     columns = []
     for f in desc.fields:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from clickhouse_connect.driver.client import Client
@@ -68,7 +69,7 @@ class BatchLoader:
             if types is None:
                 types = self._types[h.stream] = table_types(self._client, h.stream)
             names = [c for c in types if c == "node" or c in batch.columns]
-            data = []
+            data: list[Any] = []
             for name in names:
                 if name == "node":
                     data.append(np.full(batch.rows, h.node.host_name, dtype=object))

@@ -1,0 +1,198 @@
+"""Generic probe loader: object -> configured, loaded, attached probe with its ring readers.
+
+Works from a Probe description only (node_agent.probes.<name>.PROBE), so a new probe
+plugs in without touching this module. Any failure raises a ProbeError subclass and
+leaves nothing behind in the kernel; the agent then disables that probe alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+
+from node_agent.btf import BtfError
+from node_agent.errors import ProbeAttachError, ProbeConfigError, ProbeError, ProbeLoadError
+from node_agent.libbpf import BpfObject, Link, num_possible_cpus
+from node_agent.probes import Probe, ProbeSettings, get_probe
+from node_agent.ringbuf import RingBuffer
+
+__all__ = ["LoadedProbe", "load_probe"]
+
+STATS_STRUCT = "stream_stats"  # value of every probe's per-CPU stats map (common.bpf.h)
+WAKEUP_KNOB = "wakeup_bytes"  # common.bpf.h: force a reader wakeup past this many bytes
+
+
+class LoadedProbe:
+    """A probe running in the kernel: one RingBuffer per stream, counters, detach/close."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        obj: BpfObject,
+        links: Mapping[str, Link],
+        rings: Mapping[str, RingBuffer],
+    ) -> None:
+        """Use load_probe()."""
+        self.probe = probe
+        self.obj = obj
+        self.links = dict(links)  # hook name -> attached link
+        self.rings = dict(rings)  # stream name -> ring reader
+        self._stats_dtype = obj.btf.struct_dtype(STATS_STRUCT)
+        self._ncpus = num_possible_cpus()
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        """The probe's name."""
+        return self.probe.name
+
+    @property
+    def attached(self) -> dict[str, str]:
+        """Which program serves each hook (hook name -> program name)."""
+        return {hook: link.program for hook, link in self.links.items() if link.attached}
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Kernel counters per stream, summed over CPUs: {stream: {emitted, dropped}}."""
+        size = self._stats_dtype.itemsize
+        slot = (size + 7) & ~7  # per-CPU values come back 8-byte aligned, one per CPU
+        out = {}
+        for stream in self.probe.streams:
+            key = stream.stats_index.to_bytes(4, "little")
+            raw = self.obj.lookup(self.probe.stats_map, key, slot * self._ncpus)
+            cells = np.frombuffer(raw, np.uint8).reshape(self._ncpus, slot)[:, :size]
+            per_cpu = np.ascontiguousarray(cells).view(self._stats_dtype).ravel()
+            out[stream.name] = {f: int(per_cpu[f].sum()) for f in ("emitted", "dropped")}
+        return out
+
+    def detach(self) -> None:
+        """Detach every program: no new events; the rings can still be drained."""
+        for link in self.links.values():
+            link.destroy()
+
+    def close(self) -> None:
+        """Detach, unmap the rings and free the object's maps and programs (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.detach()
+        for ring in self.rings.values():
+            ring.close()
+        self.obj.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def load_probe(
+    probe: str | Probe,
+    settings: ProbeSettings,
+    *,
+    object_dir: Path | None = None,
+    rodata: Mapping[str, int] | None = None,
+) -> LoadedProbe:
+    """Open, configure (knobs, ring sizes), load and attach a probe; build its readers.
+
+    object_dir overrides settings.bpf_dir; rodata overrides or adds const volatile knobs
+    (e.g. targ_tgid, wakeup_bytes, which defaults to a quarter of the ring).
+    """
+    if isinstance(probe, str):
+        try:
+            probe = get_probe(probe)
+        except KeyError as e:
+            raise ProbeConfigError(str(e.args[0])) from None
+    ring_bytes = settings.ring_bytes
+    if ring_bytes < mmap.PAGESIZE or ring_bytes & (ring_bytes - 1):
+        raise ProbeConfigError(f"ring_bytes: {ring_bytes} must be a power of 2 and >= {mmap.PAGESIZE}")
+    knobs = dict(probe.rodata(settings))
+    path = Path(object_dir or settings.bpf_dir) / probe.object_file
+    obj = BpfObject.open(path, name=probe.name)
+    rings: dict[str, RingBuffer] = {}
+    try:
+        dtypes = _configure(probe, obj, knobs, ring_bytes, rodata or {})
+        obj.load()
+        links = _attach(probe, obj)
+        for stream in probe.streams:
+            fd = obj.map_fd(stream.ring_map)
+            rings[stream.name] = RingBuffer(fd, ring_bytes, dtypes[stream.name])
+        return LoadedProbe(probe, obj, links, rings)
+    except BaseException:
+        for ring in rings.values():
+            ring.close()
+        obj.close()
+        raise
+
+
+def _configure(
+    probe: Probe,
+    obj: BpfObject,
+    knobs: dict[str, int],
+    ring_bytes: int,
+    overrides: Mapping[str, int],
+) -> dict[str, np.dtype]:
+    """Apply knobs and ring sizes before load; return each stream's record dtype."""
+    try:
+        dtypes = {s.name: obj.btf.struct_dtype(s.struct) for s in probe.streams}
+        obj.btf.struct_dtype(STATS_STRUCT)
+    except BtfError as e:
+        raise ProbeLoadError(probe.name, errno.ENOEXEC, str(e), what="read btf of") from None
+    try:
+        variables = obj.btf.datasec_vars(".rodata")
+    except BtfError:
+        variables = {}  # a probe without knobs
+    programs = obj.program_names()
+    missing = [p for h in probe.hooks for p in h.programs if p not in programs]
+    if missing:
+        log = f"{obj.path}: no program {', '.join(missing)}"
+        raise ProbeLoadError(probe.name, errno.ENOENT, log, what="open")
+    if WAKEUP_KNOB in variables:
+        knobs.setdefault(WAKEUP_KNOB, ring_bytes // 4)
+    knobs.update(overrides)
+    try:
+        obj.set_rodata(**knobs)
+    except (KeyError, ValueError) as e:
+        raise ProbeConfigError(f"probe {probe.name}: {e.args[0]}") from None
+    for stream in probe.streams:
+        if ring_bytes < (8 + dtypes[stream.name].itemsize + 7) & ~7:
+            raise ProbeConfigError(f"ring_bytes: {ring_bytes} cannot hold one {stream.struct} record")
+        obj.set_max_entries(stream.ring_map, ring_bytes)
+    return dtypes
+
+
+def _attach(probe: Probe, obj: BpfObject) -> dict[str, Link]:
+    """Attach, per hook, the first program that attaches; undo all on failure."""
+    links: dict[str, Link] = {}
+    try:
+        for hook in probe.hooks:
+            failures: list[ProbeAttachError] = []
+            for program in hook.programs:
+                try:
+                    links[hook.name] = obj.attach(program)
+                    break
+                except ProbeAttachError as e:
+                    failures.append(e)
+            else:
+                raise ProbeAttachError(
+                    probe.name,
+                    " or ".join(hook.programs),
+                    failures[-1].errno,
+                    "\n".join(str(e) for e in failures),
+                )
+    except ProbeError:
+        for link in links.values():
+            link.destroy()
+        raise
+    return links
