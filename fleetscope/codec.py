@@ -9,6 +9,9 @@ header goes through the protobuf library (one object per batch, never per row).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +19,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from fleetscope import v1
 from fleetscope.v1 import batch_pb2
 
 SCHEMA_MAJOR = 1
@@ -94,13 +98,20 @@ def _schema_from_descriptor(stream: str, message: type[Message]) -> StreamSchema
     return StreamSchema(stream, message, tuple(columns))
 
 
-SCHEMAS: dict[str, StreamSchema] = {
-    s.stream: s
-    for s in (
-        _schema_from_descriptor("process_exec", batch_pb2.ProcessExecBatch),
-        _schema_from_descriptor("process_exit", batch_pb2.ProcessExitBatch),
-    )
-}
+def _discover() -> dict[str, StreamSchema]:
+    """Every ``<Stream>Batch`` message of the generated fleetscope.v1 modules, by stream
+    name (``ProcessExecBatch`` -> ``process_exec``): adding a probe's .proto adds its streams."""
+    schemas = {}
+    for info in pkgutil.iter_modules(v1.__path__):
+        module = importlib.import_module(f"{v1.__name__}.{info.name}")
+        for name, desc in module.DESCRIPTOR.message_types_by_name.items():
+            if name.endswith("Batch") and "header" in desc.fields_by_name:
+                stream = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Batch")).lower()
+                schemas[stream] = _schema_from_descriptor(stream, getattr(module, name))
+    return schemas
+
+
+SCHEMAS: dict[str, StreamSchema] = _discover()
 
 
 def _varint(n: int) -> bytes:

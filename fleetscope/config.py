@@ -126,8 +126,14 @@ def opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str | Non
     return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
 
 
-STREAMS = ("process_exec", "process_exit")
-PROBES = ("process",)
+DEFAULT_PROBES = ("process",)
+
+
+def _probes(text: str) -> tuple[str, ...]:
+    from node_agent.probes import all_probes  # the probe modules are the list of probes
+
+    known = tuple(sorted(all_probes()))
+    return _list_of(known)(text)
 
 
 # --- settings groups; commands combine them --------------------------------------------
@@ -152,7 +158,7 @@ class Store:
 @dataclass(frozen=True)
 class AgentOptions:
     node_name: str = opt("", str, "node name stored with every row (default: the host name)")
-    probes: tuple[str, ...] = opt(PROBES, _list_of(PROBES), "probes to load", "LIST")
+    probes: tuple[str, ...] = opt(DEFAULT_PROBES, _probes, "probes to load, comma-separated", "LIST")
     bpf_dir: Path = opt(REPO_ROOT / "bpf", _path, "directory with the compiled *.bpf.o probes")
     args_max: int = opt(512, _positive_int, "bytes of argv captured per exec (at most 1024)")
     ring_bytes: int = opt(8 << 20, _size, "ring buffer size per event kind (power of 2, >= 4096)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fleetscope.config import AgentOptions
 from node_agent.batcher import Batcher, node_identity
+from node_agent.columns import ColumnBuilder
 from node_agent.errors import ProbeError
 from node_agent.loader import LoadedProbe, load_probe
 from node_agent.shipper import BatchSink
@@ -71,8 +72,9 @@ class Agent:
     def __init__(self, settings: AgentOptions, sink: BatchSink) -> None:
         self.settings = settings
         self.sink = sink
+        self._builders: dict[str, ColumnBuilder] = {}
         self.batcher = Batcher(
-            node_identity(settings.node),
+            node_identity(settings.node), self._builders,
             settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age,
         )  # fmt: skip
         self.stats = AgentStats()
@@ -101,6 +103,7 @@ class Agent:
                 log.error("probe %s disabled: %s", name, e)
                 continue
             self._probes.append(probe)
+            self._builders.update({s.name: s.columns for s in probe.probe.streams})
             self.status[name] = ProbeStatus(name, True, streams=tuple(probe.rings))
             for ring in probe.rings.values():
                 self._loop.add_reader(ring.fileno(), self.drain)

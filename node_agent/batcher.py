@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 from fleetscope import __version__
 from fleetscope.codec import SCHEMA_MINOR, SCHEMAS, encode_batch
 from fleetscope.v1 import batch_pb2
+from node_agent.columns import ColumnBuilder, boot_to_wall_offset_ns
 
 
 @dataclass(frozen=True)
@@ -52,72 +53,6 @@ def node_identity(node_name: str) -> batch_pb2.NodeIdentity:
     )
 
 
-def boot_to_wall_offset_ns() -> int:
-    """CLOCK_REALTIME - CLOCK_BOOTTIME: BPF stamps events with bpf_ktime_get_boot_ns()."""
-    return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
-def c_strings(chars: np.ndarray) -> np.ndarray:
-    """Fixed char[N] fields as 'S<N>' with everything after the first NUL zeroed.
-
-    The ring buffer does not zero reserved records, so bytes after a C string's NUL can be
-    leftovers of an older record; they must not reach the dictionary.
-    """
-    width = chars.dtype.itemsize
-    raw = np.frombuffer(np.ascontiguousarray(chars).tobytes(), np.uint8).reshape(-1, width).copy()
-    is_nul = raw == 0
-    first_nul = np.where(is_nul.any(axis=1), np.argmax(is_nul, axis=1), width)
-    raw[np.arange(width) >= first_nul[:, None]] = 0
-    return raw.view(f"S{width}").ravel()
-
-
-def argv_strings(args: np.ndarray, args_len: np.ndarray) -> np.ndarray:
-    """argv copied as NUL-separated bytes -> 'S<N>' joined by spaces, bounded by args_len."""
-    width = args.dtype.itemsize
-    raw = np.frombuffer(np.ascontiguousarray(args).tobytes(), np.uint8).reshape(-1, width).copy()
-    col = np.arange(width)
-    used = np.minimum(args_len, width)[:, None]
-    raw[col >= used] = 0
-    # NULs between arguments become spaces; the last argument's own NUL stays a terminator
-    raw[(col < used - 1) & (raw == 0)] = ord(" ")
-    return raw.view(f"S{width}").ravel()
-
-
-def _exec_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
-    return {
-        "time": rec["time_ns"] + np.uint64(offset_ns),
-        "pid": rec["pid"],
-        "ppid": rec["ppid"],
-        "uid": rec["uid"],
-        "cgroup_id": rec["cgroup_id"],
-        "comm": c_strings(rec["comm"]),
-        "filename": c_strings(rec["filename"]),
-        "args": argv_strings(rec["args"], rec["args_len"]),
-        "argc": rec["argc"],
-        "args_truncated": (rec["flags"] & 1).astype("<u4"),
-    }
-
-
-def _exit_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
-    return {
-        "time": rec["time_ns"] + np.uint64(offset_ns),
-        "pid": rec["pid"],
-        "ppid": rec["ppid"],
-        "cgroup_id": rec["cgroup_id"],
-        "comm": c_strings(rec["comm"]),
-        "exit_code": rec["exit_code"].astype("<i4", copy=False),
-        "signal": rec["signal"],
-        "duration_ns": rec["duration_ns"],
-    }
-
-
-# Record (C struct from BTF) -> protobuf columns, per stream.
-COLUMN_BUILDERS: dict[str, Callable[[np.ndarray, int], dict[str, np.ndarray]]] = {
-    "process_exec": _exec_columns,
-    "process_exit": _exit_columns,
-}
-
-
 @dataclass
 class _Pending:
     chunks: list[np.ndarray] = field(default_factory=list)
@@ -133,8 +68,16 @@ class Batcher:
     (dictionary encoding never grows a string column beyond its fixed width + 4 bytes).
     """
 
-    def __init__(self, node: batch_pb2.NodeIdentity, max_rows: int, max_bytes: int, max_age: float) -> None:
+    def __init__(
+        self,
+        node: batch_pb2.NodeIdentity,
+        builders: Mapping[str, ColumnBuilder],
+        max_rows: int,
+        max_bytes: int,
+        max_age: float,
+    ) -> None:
         self.node = node
+        self.builders = builders
         self.max_rows, self.max_bytes, self.max_age_ns = max_rows, max_bytes, int(max_age * 1e9)
         self.epoch = time.time_ns()
         self._seq: dict[str, int] = {}
@@ -184,6 +127,6 @@ class Batcher:
             node=self.node, batch_id=batch_id, stream=stream, epoch=self.epoch, sequence=seq,
             created_ns=created, row_count=len(records), schema_minor=SCHEMA_MINOR,
         )  # fmt: skip
-        columns = COLUMN_BUILDERS[stream](records, boot_to_wall_offset_ns())
+        columns = self.builders[stream](records, boot_to_wall_offset_ns())
         payload = encode_batch(SCHEMAS[stream], header, columns)
         return Batch(stream, batch_id, seq, len(records), payload, self.node.host_name.encode(), created)

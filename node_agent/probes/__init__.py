@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from node_agent.columns import ColumnBuilder
+
 __all__ = ["Hook", "Probe", "ProbeSettings", "Stream", "all_probes", "get_probe"]
 
 
@@ -43,6 +45,7 @@ class Stream:
     ring_map: str  # BPF_MAP_TYPE_RINGBUF map, e.g. "process_exec_events"
     struct: str  # record type in the object's BTF, e.g. "process_exec_event"
     stats_index: int  # slot of this stream in the probe's per-CPU stats array
+    columns: ColumnBuilder  # records -> the columns of the stream's <Stream>Batch message
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
+from node_agent.columns import argv_strings, c_strings
 from node_agent.errors import ProbeConfigError
 from node_agent.probes import Hook, Probe, ProbeSettings, Stream
 
 __all__ = ["ARGS_MAX", "PROBE"]
 
 ARGS_MAX = 1024  # PROCESS_ARGS_MAX in bpf/process.h: size of process_exec_event.args
+ARGS_TRUNCATED = 1  # PROCESS_EXEC_ARGS_TRUNCATED in bpf/process.h
 
 
 def rodata(settings: ProbeSettings) -> Mapping[str, int]:
@@ -19,12 +23,42 @@ def rodata(settings: ProbeSettings) -> Mapping[str, int]:
     return {"args_max": settings.args_max}
 
 
+def exec_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+    """process_exec_event records -> ProcessExecBatch columns."""
+    return {
+        "time": rec["time_ns"] + np.uint64(offset_ns),
+        "pid": rec["pid"],
+        "ppid": rec["ppid"],
+        "uid": rec["uid"],
+        "cgroup_id": rec["cgroup_id"],
+        "comm": c_strings(rec["comm"]),
+        "filename": c_strings(rec["filename"]),
+        "args": argv_strings(rec["args"], rec["args_len"]),
+        "argc": rec["argc"],
+        "args_truncated": (rec["flags"] & ARGS_TRUNCATED).astype("<u4"),
+    }
+
+
+def exit_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+    """process_exit_event records -> ProcessExitBatch columns."""
+    return {
+        "time": rec["time_ns"] + np.uint64(offset_ns),
+        "pid": rec["pid"],
+        "ppid": rec["ppid"],
+        "cgroup_id": rec["cgroup_id"],
+        "comm": c_strings(rec["comm"]),
+        "exit_code": rec["exit_code"].astype("<i4", copy=False),
+        "signal": rec["signal"],
+        "duration_ns": rec["duration_ns"],
+    }
+
+
 PROBE = Probe(
     name="process",
     object_file="process.bpf.o",
     streams=(
-        Stream("process_exec", "process_exec_events", "process_exec_event", stats_index=0),
-        Stream("process_exit", "process_exit_events", "process_exit_event", stats_index=1),
+        Stream("process_exec", "process_exec_events", "process_exec_event", 0, exec_columns),
+        Stream("process_exit", "process_exit_events", "process_exit_event", 1, exit_columns),
     ),
     hooks=(
         # classic tracepoints need tracefs mounted; raw_tp (4.17+) attaches without it

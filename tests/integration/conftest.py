@@ -36,9 +36,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
     if find_java() is None:
         require_real("Kafka broker: no `java` on PATH (install a JDK 17, then run `make test`)")
     if not has_kafka_jars(libs):
-        require_real(
-            f"Kafka broker: no jars in {libs}; run `make test` or `tools/kafka/fetch.sh {libs}`"
-        )
+        require_real(f"Kafka broker: no jars in {libs}; run `make test` or `tools/kafka/fetch.sh {libs}`")
     broker = KafkaBroker(tmp_path_factory.mktemp("kafka"), libs)
     broker.start()
     try:

@@ -7,7 +7,7 @@ import pytest
 
 from fleetscope import codec
 from fleetscope.codec import SCHEMAS, BatchDecodeError, decode_batch, encode_batch
-from fleetscope.v1 import batch_pb2
+from fleetscope.v1 import batch_pb2, process_pb2
 
 rng = np.random.default_rng(7)
 
@@ -38,7 +38,7 @@ def exec_columns(n: int) -> dict[str, np.ndarray]:
 def test_fast_encoder_bytes_parse_with_protobuf(n: int) -> None:
     cols = exec_columns(n)
     wire = encode_batch(SCHEMAS["process_exec"], header("process_exec", n), cols)
-    msg = batch_pb2.ProcessExecBatch.FromString(wire)
+    msg = process_pb2.ProcessExecBatch.FromString(wire)
     assert msg.header.row_count == n and msg.header.node.host_name == "node-a"
     assert list(msg.pid) == cols["pid"].tolist()
     assert list(msg.time) == cols["time"].tolist()
@@ -53,7 +53,7 @@ def test_fast_encoder_bytes_parse_with_protobuf(n: int) -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 777])
 def test_protobuf_bytes_decode_with_fast_decoder(n: int) -> None:
-    msg = batch_pb2.ProcessExitBatch(header=header("process_exit", n))
+    msg = process_pb2.ProcessExitBatch(header=header("process_exit", n))
     codes = rng.integers(-(2**31), 2**31, n, dtype=np.int32)
     msg.exit_code.extend(codes.tolist())
     msg.pid.extend(range(n))
@@ -73,7 +73,7 @@ def test_protobuf_bytes_decode_with_fast_decoder(n: int) -> None:
 
 
 def test_unknown_fields_from_a_newer_minor_are_skipped() -> None:
-    msg = batch_pb2.ProcessExitBatch(header=header("process_exit", 2))
+    msg = process_pb2.ProcessExitBatch(header=header("process_exit", 2))
     for f in ("time", "pid", "ppid", "cgroup_id", "signal", "duration_ns", "exit_code"):
         getattr(msg, f).extend([1, 2])
     msg.comm.data = b"a"
@@ -102,7 +102,7 @@ def test_malformed_input_raises_decode_error(mutate, reason: str) -> None:
 
 
 def test_absurd_dictionary_index_is_rejected() -> None:
-    msg = batch_pb2.ProcessExitBatch(header=header("process_exit", 1))
+    msg = process_pb2.ProcessExitBatch(header=header("process_exit", 1))
     for f in ("time", "pid", "ppid", "cgroup_id", "signal", "duration_ns", "exit_code"):
         getattr(msg, f).append(0)
     msg.comm.data = b"a"
