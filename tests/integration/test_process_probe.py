@@ -464,7 +464,7 @@ def test_loader_raises_typed_errors(broken_object: Path, tmp_path: Path) -> None
     broken = Probe(
         name="broken",
         object_file=broken_object.name,
-        streams=(Stream("broken", "broken_events", "stream_stats", 0),),
+        streams=(Stream("broken", "broken_events", "stream_stats", 0, lambda r, _: {}),),
         hooks=(Hook("sched/sched_process_exec", ("raw_tp__sched_process_exec",)),),
         stats_map="broken_stats",
         rodata=lambda _: {},
