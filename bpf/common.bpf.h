@@ -21,6 +21,29 @@ struct stream_stats {
  * default). The agent also drains on a short timer, so low rates need no wakeups. */
 const volatile __u64 wakeup_bytes = 0;
 
+/* Filters shared by every probe, set by the loader: the agent's filter_pid and
+ * filter_cgroup settings. The cgroup filter matches the cgroup and its descendants. */
+const volatile __u32 targ_tgid = 0;      /* only this process (0: all) */
+const volatile bool filter_cgroup = false; /* only tasks under the cgroup in cgroup_filter[0] */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} cgroup_filter SEC(".maps");
+
+/* Whether the current task passes the configured filters. */
+static __always_inline bool filter_pass(void)
+{
+	if (targ_tgid && (bpf_get_current_pid_tgid() >> 32) != targ_tgid)
+		return false;
+	/* 1: under the cgroup, 0: not, <0: no cgroup in the map */
+	if (filter_cgroup && bpf_current_task_under_cgroup(&cgroup_filter, 0) != 1)
+		return false;
+	return true;
+}
+
 /* Reserve a fixed-size record and count it, as a drop too when the ring is full.
  * Tracepoint programs run with preemption disabled, so plain per-CPU increments cannot
  * race with another event on this CPU. */

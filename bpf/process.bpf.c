@@ -10,7 +10,6 @@
 
 /* knobs, written into .rodata by the loader before load */
 const volatile __u32 args_max = 512; /* bytes of argv to copy, clamped to PROCESS_ARGS_MAX */
-const volatile __u32 targ_tgid = 0;  /* only this process (0: all) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -43,8 +42,8 @@ static __always_inline int handle_exec(const char *filename)
 	char c = 0;
 	long ret;
 
-	/* filter on the configured process */
-	if (targ_tgid && tgid != targ_tgid)
+	/* the configured pid / cgroup filters */
+	if (!filter_pass())
 		return 0;
 
 	/* reserve a record in the ring buffer, counted (a full ring counts a drop) */
@@ -117,8 +116,8 @@ static __always_inline int handle_exit(void)
 	if (tgid != (__u32)id)
 		return 0;
 
-	/* filter on the configured process */
-	if (targ_tgid && tgid != targ_tgid)
+	/* the configured pid / cgroup filters */
+	if (!filter_pass())
 		return 0;
 
 	/* an old leader killed by another thread's execve (de_thread) is no process exit;

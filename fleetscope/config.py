@@ -43,6 +43,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or a positive integer")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -159,6 +166,12 @@ class Store:
 class AgentOptions:
     node_name: str = opt("", str, "node name stored with every row (default: the host name)")
     probes: tuple[str, ...] = opt(DEFAULT_PROBES, _probes, "probes to load, comma-separated", "LIST")
+    filter_pid: int = opt(0, _non_negative_int, "only events of this process (thread group id); 0: all")
+    filter_cgroup: str = opt(
+        "",
+        str,
+        "only events of tasks in this cgroup v2 directory or below (absolute, or relative to the mount)",
+    )
     bpf_dir: Path = opt(REPO_ROOT / "bpf", _path, "directory with the compiled *.bpf.o probes")
     args_max: int = opt(512, _positive_int, "bytes of argv captured per exec (at most 1024)")
     ring_bytes: int = opt(8 << 20, _size, "ring buffer size per event kind (power of 2, >= 4096)")

@@ -68,6 +68,7 @@ def _libbpf() -> ctypes.CDLL:
     _fn(lib, "bpf_program__attach", vp, vp)
     _fn(lib, "bpf_link__destroy", i, vp)
     _fn(lib, "bpf_map_lookup_elem", i, i, vp, vp)
+    _fn(lib, "bpf_map_update_elem", i, i, vp, vp, ctypes.c_uint64)
     _fn(lib, "libbpf_num_possible_cpus", i)
     _fn(lib, "libbpf_set_print", vp, _PRINT_FN)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -313,6 +314,12 @@ class BpfObject:
         if ret:
             raise OSError(_err(ret), f"lookup in map {map_name!r} failed")
         return buf.raw
+
+    def update(self, map_name: str, key: bytes, value: bytes) -> None:
+        """bpf_map_update_elem(BPF_ANY) on a loaded map."""
+        ret = _libbpf().bpf_map_update_elem(self.map_fd(map_name), key, value, 0)
+        if ret:
+            raise OSError(_err(ret), f"update of map {map_name!r} failed")
 
     def detach(self) -> None:
         """Destroy every link made by attach(); the programs stay loaded."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +28,7 @@ __all__ = ["LoadedProbe", "load_probe"]
 
 STATS_STRUCT = "stream_stats"  # value of every probe's per-CPU stats map (common.bpf.h)
 WAKEUP_KNOB = "wakeup_bytes"  # common.bpf.h: force a reader wakeup past this many bytes
+CGROUP_FILTER_MAP = "cgroup_filter"  # common.bpf.h: the filter_cgroup directory, slot 0
 
 
 class LoadedProbe:
@@ -118,12 +121,22 @@ def load_probe(
     if ring_bytes < mmap.PAGESIZE or ring_bytes & (ring_bytes - 1):
         raise ProbeConfigError(f"ring_bytes: {ring_bytes} must be a power of 2 and >= {mmap.PAGESIZE}")
     knobs = dict(probe.rodata(settings))
+    if settings.filter_pid:
+        knobs["targ_tgid"] = settings.filter_pid
+    if settings.filter_cgroup:
+        knobs["filter_cgroup"] = 1
     path = Path(object_dir or settings.bpf_dir) / probe.object_file
     obj = BpfObject.open(path, name=probe.name)
     rings: dict[str, RingBuffer] = {}
+    cgroup_fd: int | None = None
     try:
+        if settings.filter_cgroup:
+            cgroup_fd = _open_cgroup(settings.filter_cgroup)
         dtypes = _configure(probe, obj, knobs, ring_bytes, rodata or {})
         obj.load()
+        if cgroup_fd is not None:
+            # the kernel takes its own reference to the cgroup; our fd can go
+            obj.update(CGROUP_FILTER_MAP, struct.pack("<I", 0), struct.pack("<I", cgroup_fd))
         links = _attach(probe, obj)
         for stream in probe.streams:
             fd = obj.map_fd(stream.ring_map)
@@ -134,6 +147,30 @@ def load_probe(
             ring.close()
         obj.close()
         raise
+    finally:
+        if cgroup_fd is not None:
+            os.close(cgroup_fd)
+
+
+def _open_cgroup(path: str) -> int:
+    """A cgroup v2 directory, absolute or relative to the cgroup2 mount, opened for the filter."""
+    full = Path(path) if path.startswith("/") else cgroup2_mount() / path
+    try:
+        return os.open(full, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise ProbeConfigError(
+            f"filter_cgroup: cannot open {full}: {e.strerror}; give a cgroup v2 directory, "
+            f"absolute or relative to {cgroup2_mount()}"
+        ) from None
+
+
+def cgroup2_mount() -> Path:
+    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid mode)."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    return Path("/sys/fs/cgroup")
 
 
 def _configure(

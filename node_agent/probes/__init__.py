@@ -32,6 +32,16 @@ class ProbeSettings(Protocol):
         ...
 
     @property
+    def filter_pid(self) -> int:
+        """Only events of this process (thread group); 0: all."""
+        ...
+
+    @property
+    def filter_cgroup(self) -> str:
+        """Only events of tasks in this cgroup v2 directory or below; "": all."""
+        ...
+
+    @property
     def args_max(self) -> int:
         """Bytes of argv copied per exec (process probe)."""
         ...

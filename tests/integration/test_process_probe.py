@@ -43,6 +43,8 @@ class Settings:
     bpf_dir: Path = BPF_DIR
     ring_bytes: int = 8 << 20
     args_max: int = 1024
+    filter_pid: int = 0
+    filter_cgroup: str = ""
 
 
 def boot_ns() -> int:
@@ -333,6 +335,8 @@ def test_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, tmp_
         f"    bpf_dir: Path = Path({str(bpf_dir)!r})\n"
         "    ring_bytes: int = 1 << 20\n"
         "    args_max: int = 512\n"
+        "    filter_pid: int = 0\n"
+        '    filter_cgroup: str = ""\n'
         "with load_probe('process', Settings()) as p:\n"
         "    child = subprocess.Popen(['/bin/sh', '-c', 'exit 3', 'tp-marker'])\n"
         "    child.wait()\n"
@@ -576,3 +580,35 @@ def test_drain_refuses_records_of_another_size(fake: FakeRing) -> None:
         assert fake.cons() == 0  # nothing consumed
     with pytest.raises(ValueError, match="power of 2"):
         RingBuffer(fake.fd, 3000, PAYLOAD)
+
+
+@pytest.mark.root
+def test_cgroup_filter_keeps_the_cgroup_and_its_descendants(bpf_dir: Path) -> None:
+    root = cgroup2_mount()
+    if root is None:
+        require_real("process probe: no cgroup v2 mount")
+    top = root / f"fleetscope-filter-{uuid.uuid4().hex[:8]}.slice"
+    leaf = top / "kubepods-besteffort.slice" / f"cri-containerd-{uuid.uuid4().hex}.scope"
+    leaf.mkdir(parents=True)
+    marker = uuid.uuid4().hex
+    try:
+        # relative to the cgroup2 mount, as an operator would write it
+        settings = Settings(bpf_dir=bpf_dir, filter_cgroup=str(top.relative_to(root)))
+        with load_probe("process", settings) as p:
+            inside = subprocess.Popen(
+                ["/bin/sh", "-c", f"echo $$ > {leaf}/cgroup.procs && exec /bin/true in-{marker}"]
+            )
+            outside = subprocess.Popen(["/bin/true", f"out-{marker}"])
+            assert inside.wait() == 0 and outside.wait() == 0
+            execs = p.rings["process_exec"].drain()
+        args = {bytes(a).split(b"\0")[1] for a in execs["args"] if marker.encode() in bytes(a)}
+        assert args == {f"in-{marker}".encode()}
+        assert set(execs["cgroup_id"].tolist()) == {os.stat(leaf).st_ino}
+    finally:
+        for d in (leaf, leaf.parent, top):
+            d.rmdir()
+
+
+def test_cgroup_filter_names_a_missing_directory(bpf_dir: Path) -> None:
+    with pytest.raises(ProbeConfigError, match=r"filter_cgroup: cannot open .*no-such"):
+        load_probe("process", Settings(bpf_dir=bpf_dir, filter_cgroup="no-such.slice"))
