@@ -108,7 +108,9 @@ async def cmd_ingest(s: IngestSettings) -> int:
     finally:
         watcher.cancel()
         await ingester.stop()
-        log.info("ingester stopped: %s", dict(sorted(ingester.counters.items())))
+        counters = ("batches_inserted", "rows_inserted", "batches_duplicate", "batches_dead_lettered")
+        totals = {c: ingester.stats.total(c) for c in counters}
+        log.info("ingester stopped: %s %s", totals, dict(sorted(ingester.counters.items())))
     return 0
 
 
@@ -124,7 +126,7 @@ async def cmd_run(s: RunSettings) -> int:
 
     stop = asyncio.Event()
     install_stop_signals(stop)
-    local = await LocalIngest.open(s.clickhouse)
+    local = await LocalIngest.open(s.clickhouse, s.stats_interval)
     try:
         agent = Agent(s, local.sink())
         await agent.start()

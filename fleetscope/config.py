@@ -181,6 +181,7 @@ class AgentOptions:
     )
     batch_max_age: float = opt(1.0, _duration, "... or when its oldest row is this old")
     status_interval: float = opt(10.0, _duration, "how often the agent logs its counters")
+    stats_interval: float = opt(10.0, _duration, "how often counters are shipped to fleet.pipeline_stats")
 
     def validate(self) -> None:
         if self.args_max > 1024:
@@ -212,6 +213,7 @@ class IngestSettings(Common, Kafka, Store):
     dlq_topic: str = opt("fleetscope.dlq.v1", str, "dead-letter topic for batches that cannot be decoded")
     max_poll_records: int = opt(64, _positive_int, "Kafka messages (batches) fetched per poll")
     retry_backoff_max: float = opt(30.0, _duration, "cap of the exponential backoff between insert retries")
+    stats_interval: float = opt(10.0, _duration, "how often counters are written to fleet.pipeline_stats")
 
     def validate(self) -> None:
         if not self.brokers:

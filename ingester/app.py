@@ -21,6 +21,7 @@ from fleetscope.config import IngestSettings
 from fleetscope.retry import Backoff
 from fleetscope.store import connect, first_line, mask_dsn, migrate
 from ingester.load import BatchLoader, Loaded
+from ingester.stats import IngestStats
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Ingester:
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
         self.counters: Counter[str] = Counter()
+        self.stats = IngestStats(settings.stats_interval)
         self.healthy = False
         self._stop = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -122,6 +124,16 @@ class Ingester:
             for tp, records in polled.items():
                 if not await self._load_partition(tp, records):
                     return  # stopped in the middle of retrying: nothing more is committed
+            if self.stats.due():
+                await self._write_stats()
+
+    async def _write_stats(self) -> None:
+        """Counters to fleet.pipeline_stats; a failure is logged and retried next interval."""
+        assert self._loader is not None
+        try:
+            await asyncio.to_thread(self.stats.write, self._loader)
+        except Exception as e:
+            log.warning("writing pipeline_stats failed: %s", first_line(e))
 
     async def _load_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
         assert self._consumer is not None
@@ -146,7 +158,8 @@ class Ingester:
         except BatchDecodeError as e:
             await self._dead_letter(rec, str(e))
             return True
-        self.counters["batches_decoded"] += 1
+        node = batch.header.node.host_name
+        self.stats.add(node, stream, "batches_decoded")
         backoff = Backoff(self.settings.retry_backoff_max)
         while True:
             started = time.monotonic()
@@ -164,10 +177,10 @@ class Ingester:
         if not self.healthy:
             log.info("clickhouse inserts succeed again")
         self.healthy = True
-        self.counters["batches_inserted"] += 1
-        self.counters["rows_inserted"] += loaded.rows_written
-        self.counters["batches_duplicate"] += loaded.duplicate
-        self.counters["insert_seconds_total_ms"] += int((time.monotonic() - started) * 1000)
+        self.stats.add(node, stream, "batches_inserted")
+        self.stats.add(node, stream, "rows_inserted", loaded.rows_written)
+        self.stats.add(node, stream, "batches_duplicate", int(loaded.duplicate))
+        self.counters["insert_ms_total"] += int((time.monotonic() - started) * 1000)
         return True
 
     async def _dead_letter(self, rec: ConsumerRecord, reason: str) -> None:
@@ -178,11 +191,14 @@ class Ingester:
             *[(k, v) for k, v in (rec.headers or ())],
         ]
         await self._producer.send_and_wait(self.settings.dlq_topic, rec.value, key=rec.key, headers=headers)
-        self.counters["batches_dead_lettered"] += 1
+        node = (rec.key or b"").decode("utf-8", "replace")  # agents key messages by node
+        self.stats.add(node, self._topics.get(rec.topic, rec.topic), "batches_dead_lettered")
         log.warning("batch at %s/%d@%d dead-lettered: %s", rec.topic, rec.partition, rec.offset, reason)
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._loader is not None:
+            await self._write_stats()
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
         if consumer is not None:

@@ -55,6 +55,12 @@ class BatchLoader:
         self._lock = threading.Lock()
         self._types: dict[str, dict[str, str]] = {}
 
+    def _table_types(self, table: str) -> dict[str, str]:
+        types = self._types.get(table)
+        if types is None:
+            types = self._types[table] = table_types(self._client, table)
+        return types
+
     def decode(self, stream: str, payload: bytes) -> DecodedBatch:
         schema = SCHEMAS.get(stream)
         if schema is None:
@@ -65,9 +71,7 @@ class BatchLoader:
         """Insert the rows, then the batch's record in fleet.batches, both deduplicated."""
         h = batch.header
         with self._lock:
-            types = self._types.get(h.stream)
-            if types is None:
-                types = self._types[h.stream] = table_types(self._client, h.stream)
+            types = self._table_types(h.stream)
             names = [c for c in types if c == "node" or c in batch.columns]
             data: list[Any] = []
             for name in names:
@@ -89,6 +93,20 @@ class BatchLoader:
                 settings=settings,
             )  # fmt: skip
         return Loaded(batch, int(summary.written_rows))
+
+    def insert_columns(self, table: str, columns: dict[str, np.ndarray]) -> None:
+        """Insert columns the ingester made itself (its own counters) into fleet.<table>."""
+        with self._lock:
+            types = self._table_types(table)
+            names = list(columns)
+            data: list[Any] = [_column(columns[n], types[n]) for n in names]
+            self._client.insert(
+                f"{DATABASE}.{table}",
+                data,
+                column_names=names,
+                column_oriented=True,
+                column_type_names=[types[n] for n in names],
+            )
 
     def close(self) -> None:
         with self._lock:

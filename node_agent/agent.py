@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fleetscope.config import AgentOptions
 from node_agent.batcher import Batcher, node_identity
 from node_agent.columns import ColumnBuilder
@@ -47,6 +49,19 @@ def check_host() -> None:
         )
 
 
+STATS_STREAM = "pipeline_stats"
+# One row per (stage, stream, counter) of a report; strings are bounded fixed fields.
+STATS_DTYPE = np.dtype(
+    [("time", "<u8"), ("value", "<u8"), ("stage", "S16"), ("component", "S48"), ("stream", "S48"),
+     ("counter", "S48")]
+)  # fmt: skip
+
+
+def stats_columns(records: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+    """pipeline_stats rows are built in user space with wall-clock times already."""
+    return {name: records[name] for name in ("time", "stage", "component", "stream", "counter", "value")}
+
+
 @dataclass
 class ProbeStatus:
     """What the agent reports per probe: running, or disabled with the reason."""
@@ -72,7 +87,8 @@ class Agent:
     def __init__(self, settings: AgentOptions, sink: BatchSink) -> None:
         self.settings = settings
         self.sink = sink
-        self._builders: dict[str, ColumnBuilder] = {}
+        self._builders: dict[str, ColumnBuilder] = {STATS_STREAM: stats_columns}
+        self._reported: dict[tuple[str, str, str], int] = {}
         self.batcher = Batcher(
             node_identity(settings.node), self._builders,
             settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age,
@@ -120,11 +136,40 @@ class Agent:
             log.error("agent drain loop failed: %r", task.exception())
 
     async def _ticker(self) -> None:
+        next_stats = time.monotonic() + self.settings.stats_interval
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self.drain()
             for batch in self.batcher.due():
                 self.sink.submit(batch)
+            if time.monotonic() >= next_stats:
+                next_stats += self.settings.stats_interval
+                self.report_stats()
+
+    def report_stats(self) -> None:
+        """Ship the counters' increase since the last report as a pipeline_stats batch."""
+        self.read_kernel_counters()
+        sink = self.sink.counters
+        now: dict[tuple[str, str, str], int] = {}
+        for stream in self._builders:
+            if stream == STATS_STREAM:
+                continue
+            now["kernel", stream, "emitted"] = self.stats.kernel_emitted[stream]
+            now["kernel", stream, "dropped"] = self.stats.kernel_dropped[stream]
+            now["agent", stream, "records_read"] = self.stats.records_read[stream]
+            for counter in ("rows_shipped", "batches_shipped", "rows_dropped", "batches_dropped"):
+                now["agent", stream, counter] = sink[f"{stream}.{counter}"]
+        deltas = [(key, value - self._reported.get(key, 0)) for key, value in now.items()]
+        deltas = [(key, d) for key, d in deltas if d]
+        self._reported = now
+        if not deltas:
+            return
+        records = np.zeros(len(deltas), STATS_DTYPE)
+        records["time"] = time.time_ns()
+        records["component"] = f"agent-{self.batcher.epoch:x}"
+        records["stage"], records["stream"], records["counter"] = zip(*(k for k, _ in deltas), strict=True)
+        records["value"] = [d for _, d in deltas]
+        self.sink.submit(self.batcher.cut_now(STATS_STREAM, records))
 
     def drain(self) -> None:
         """Move every committed record from the ring buffers into the batcher."""
@@ -157,6 +202,7 @@ class Agent:
         self.read_kernel_counters()
         for batch in self.batcher.flush():
             self.sink.submit(batch)
+        self.report_stats()
         for probe in self._probes:
             for ring in probe.rings.values():
                 if self._loop is not None:

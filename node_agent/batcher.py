@@ -57,7 +57,6 @@ def node_identity(node_name: str) -> batch_pb2.NodeIdentity:
 class _Pending:
     chunks: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
-    nbytes: int = 0
     first_ns: int = 0
 
 
@@ -109,6 +108,15 @@ class Batcher:
             for s, p in list(self._pending.items())
             if p.rows and now_ns - p.first_ns >= self.max_age_ns
         ]
+
+    def cut_now(self, stream: str, records: np.ndarray) -> Batch:
+        """A batch of exactly these records, now (for rows the agent makes itself)."""
+        pending = self._pending.pop(stream, None)
+        self._pending[stream] = _Pending([records], len(records), time.monotonic_ns())
+        batch = self._cut(stream)
+        if pending is not None:
+            self._pending[stream] = pending
+        return batch
 
     def flush(self) -> list[Batch]:
         return [self._cut(s) for s, p in list(self._pending.items()) if p.rows]

@@ -9,19 +9,20 @@ import time
 from collections import Counter
 from typing import Protocol
 
+from ingester.stats import IngestStats
 from node_agent.agent import Agent
 
 log = logging.getLogger("fleetscope.status")
 
 
-class HasCounters(Protocol):
-    counters: Counter[str]
+class HasStats(Protocol):
+    stats: IngestStats
 
 
 class StatusReporter:
     """Events/s per kind, rows written, drops (kernel ring buffer and agent queue)."""
 
-    def __init__(self, agent: Agent, ingest: HasCounters | None, mode: str, interval: float) -> None:
+    def __init__(self, agent: Agent, ingest: HasStats | None, mode: str, interval: float) -> None:
         self.agent, self.ingest, self.mode, self.interval = agent, ingest, mode, interval
         self._task: asyncio.Task[None] | None = None
         self._last: tuple[float, Counter[str]] = (time.monotonic(), Counter())
@@ -59,7 +60,7 @@ class StatusReporter:
         shipped = sum(v for k, v in sink.items() if k.endswith(".rows_shipped"))
         agent_drop = sum(v for k, v in sink.items() if k.endswith(".rows_dropped"))
         kernel_drop = sum(st.kernel_dropped.values())
-        written = f" | rows written {self.ingest.counters['rows_inserted']}" if self.ingest else ""
+        written = f" | rows written {self.ingest.stats.total('rows_inserted')}" if self.ingest else ""
         disabled = [p.name for p in self.agent.status.values() if not p.running]
         off = f" | disabled: {','.join(disabled)}" if disabled else ""
         return (f"{rates} | rows shipped {shipped}{written} | drops kernel {kernel_drop} "
