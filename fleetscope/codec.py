@@ -50,11 +50,16 @@ class BatchDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a stream: protobuf field number, name, and numpy dtype (None: string)."""
+    """One column of a stream: protobuf field number, name, and numpy dtype (None: string).
+
+    per_row > 1 (the field option `per_row` of batch.proto) is a fixed-length array per
+    row, flattened on the wire; decoded, it is a (rows, per_row) array.
+    """
 
     number: int
     name: str
     dtype: np.dtype | None
+    per_row: int = 1
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,18 @@ class StreamSchema:
 
 @dataclass
 class StringColumn:
-    """A dictionary-encoded string column: row i is ``values[index[i]]``."""
+    """A dictionary-encoded string column, as on the wire: entry j is
+    ``data[offsets[j-1]:offsets[j]]`` and row i is entry ``index[i]``."""
 
-    values: list[bytes]
-    index: np.ndarray  # uint32
+    data: bytes
+    offsets: np.ndarray  # uint32 end offsets, one per dictionary entry
+    index: np.ndarray  # uint32, one per row
+
+    @property
+    def values(self) -> list[bytes]:
+        """The dictionary entries (one bytes object per distinct value)."""
+        ends = self.offsets.tolist()
+        return [self.data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=False)]
 
     def decoded(self) -> np.ndarray:
         """Object array of str per row; rows share the dictionary's objects (no per-row str)."""
@@ -92,7 +105,8 @@ def _schema_from_descriptor(stream: str, message: type[Message]) -> StreamSchema
         if f.message_type is not None and f.message_type.name == "StringColumn":
             columns.append(Column(f.number, f.name, None))
         elif f.type in _FIXED_DTYPES and f.is_repeated:
-            columns.append(Column(f.number, f.name, _FIXED_DTYPES[f.type]))
+            per_row = f.GetOptions().Extensions[batch_pb2.per_row] or 1
+            columns.append(Column(f.number, f.name, _FIXED_DTYPES[f.type], per_row))
         else:
             raise TypeError(f"{desc.full_name}.{f.name}: columns must be packed fixed-width or StringColumn")
     return StreamSchema(stream, message, tuple(columns))
@@ -164,6 +178,8 @@ def encode_batch(
                 sub += _ld(3, np.ascontiguousarray(index, "<u4").tobytes())
             pieces += _ld(col.number, b"".join(sub))
         elif len(values):
+            if col.per_row > 1 and np.size(values) != header.row_count * col.per_row:
+                raise ValueError(f"{col.name}: {np.size(values)} values, not {col.per_row} per row")
             pieces += _ld(col.number, np.ascontiguousarray(values, col.dtype).tobytes())
     return b"".join(pieces)
 
@@ -255,7 +271,9 @@ def decode_batch(schema: StreamSchema, payload: bytes) -> DecodedBatch:
     for col in schema.columns:
         raw = fields.get(col.number)
         if col.dtype is not None:
-            columns[col.name] = _array(raw, col.dtype, rows, col.name)
+            what = col.name if col.per_row == 1 else f"{col.name} ({col.per_row} per row)"
+            values = _array(raw, col.dtype, rows * col.per_row, what)
+            columns[col.name] = values.reshape(rows, col.per_row) if col.per_row > 1 else values
             continue
         sub = _fields(raw) if raw is not None else {}
         data = bytes(sub.get(1, b""))
@@ -267,7 +285,5 @@ def decode_batch(schema: StreamSchema, payload: bytes) -> DecodedBatch:
             raise BatchDecodeError(
                 f"{col.name}: index {int(index.max())} outside a dictionary of {len(offsets)}"
             )
-        starts = np.concatenate(([0], offsets[:-1])) if len(offsets) else offsets
-        values = [data[a:b] for a, b in zip(starts.tolist(), offsets.tolist(), strict=True)]
-        columns[col.name] = StringColumn(values, index)
+        columns[col.name] = StringColumn(data, offsets, index)
     return DecodedBatch(header, columns)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from clickhouse_connect.driver.client import Client
 
+from fleetscope import native
 from fleetscope.codec import SCHEMAS, BatchDecodeError, DecodedBatch, StringColumn, decode_batch
 from fleetscope.store import DATABASE, table_types
 
@@ -33,6 +34,10 @@ class Loaded:
     @property
     def duplicate(self) -> bool:
         return self.batch.rows > 0 and self.rows_written == 0
+
+
+def _is_objects(values: np.ndarray | StringColumn) -> bool:
+    return isinstance(values, np.ndarray) and values.dtype == object
 
 
 def _column(values: np.ndarray | StringColumn, ch_type: str) -> np.ndarray:
@@ -70,43 +75,51 @@ class BatchLoader:
     def insert(self, batch: DecodedBatch) -> Loaded:
         """Insert the rows, then the batch's record in fleet.batches, both deduplicated."""
         h = batch.header
+        settings = {"insert_deduplication_token": h.batch_id}
         with self._lock:
-            types = self._table_types(h.stream)
-            names = [c for c in types if c == "node" or c in batch.columns]
-            data: list[Any] = []
-            for name in names:
-                if name == "node":
-                    data.append(np.full(batch.rows, h.node.host_name, dtype=object))
-                else:
-                    data.append(_column(batch.columns[name], types[name]))
-            settings = {"insert_deduplication_token": h.batch_id}
-            summary = self._client.insert(
-                f"{DATABASE}.{h.stream}", data, column_names=names, column_oriented=True,
-                column_type_names=[types[n] for n in names], settings=settings,
-            )  # fmt: skip
-            self._client.insert(
-                f"{DATABASE}.batches",
-                [[h.created_ns, h.node.host_name, h.node.machine_id, h.node.kernel_release,
-                  h.node.agent_version, h.stream, h.epoch, h.sequence, h.batch_id, h.row_count]],
-                column_names=["created", "node", "machine_id", "kernel_release", "agent_version",
-                              "stream", "epoch", "sequence", "batch_id", "rows"],
-                settings=settings,
-            )  # fmt: skip
-        return Loaded(batch, int(summary.written_rows))
+            names = [c for c in self._table_types(h.stream) if c == "node" or c in batch.columns]
+            values = {n: batch.columns[n] for n in names if n != "node"}
+            values["node"] = native.constant_strings(h.node.host_name, batch.rows)
+            written = self._insert(h.stream, values, batch.rows, settings)
+            record: dict[str, np.ndarray | StringColumn] = {
+                "created": np.array([h.created_ns], "<i8"),
+                "epoch": np.array([h.epoch], "<u8"),
+                "sequence": np.array([h.sequence], "<u8"),
+                "rows": np.array([h.row_count], "<u4"),
+            }
+            node = h.node
+            for name, text in (
+                ("node", node.host_name), ("machine_id", node.machine_id), ("stream", h.stream),
+                ("kernel_release", node.kernel_release), ("agent_version", node.agent_version),
+                ("batch_id", h.batch_id),
+            ):  # fmt: skip
+                record[name] = native.constant_strings(text, 1)
+            self._insert("batches", record, 1, settings)
+        return Loaded(batch, written)
 
     def insert_columns(self, table: str, columns: dict[str, np.ndarray]) -> None:
         """Insert columns the ingester made itself (its own counters) into fleet.<table>."""
         with self._lock:
-            types = self._table_types(table)
-            names = list(columns)
-            data: list[Any] = [_column(columns[n], types[n]) for n in names]
-            self._client.insert(
-                f"{DATABASE}.{table}",
-                data,
-                column_names=names,
-                column_oriented=True,
-                column_type_names=[types[n] for n in names],
+            self._insert(table, dict(columns), len(next(iter(columns.values()))), {})
+
+    def _insert(
+        self, table: str, values: dict[str, np.ndarray | StringColumn], rows: int, settings: dict[str, str]
+    ) -> int:
+        """One insert of whole columns; returns the rows ClickHouse wrote (0: deduplicated)."""
+        types = self._table_types(table)
+        names = list(values)
+        if all(native.supported(types[n]) and not _is_objects(values[n]) for n in names):
+            block = native.block([(n, types[n], values[n]) for n in names], rows)
+            summary = self._client.raw_insert(
+                f"{DATABASE}.{table}", names, block, settings=settings, fmt="Native"
             )
+        else:  # a type the native writer lacks: clickhouse-connect serialises it
+            data: list[Any] = [_column(values[n], types[n]) for n in names]
+            summary = self._client.insert(
+                f"{DATABASE}.{table}", data, column_names=names, column_oriented=True,
+                column_type_names=[types[n] for n in names], settings=settings,
+            )  # fmt: skip
+        return int(summary.written_rows)
 
     def close(self) -> None:
         with self._lock:

@@ -169,7 +169,8 @@ class Agent:
         records["component"] = f"agent-{self.batcher.epoch:x}"
         records["stage"], records["stream"], records["counter"] = zip(*(k for k, _ in deltas), strict=True)
         records["value"] = [d for _, d in deltas]
-        self.sink.submit(self.batcher.cut_now(STATS_STREAM, records))
+        for batch in self.batcher.cut_now(STATS_STREAM, records):
+            self.sink.submit(batch)
 
     def drain(self) -> None:
         """Move every committed record from the ring buffers into the batcher."""

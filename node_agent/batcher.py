@@ -63,9 +63,12 @@ class _Pending:
 class Batcher:
     """Accumulates records per stream and cuts batches at max rows, bytes or age.
 
-    Bytes are bounded by the records' fixed size, an upper bound of the encoded size
-    (dictionary encoding never grows a string column beyond its fixed width + 4 bytes).
+    The byte bound uses each stream's encoded bytes per row learned from its last batch
+    (dictionary encoding makes it far smaller than the fixed record); a batch that still
+    encodes over the bound is split in two, so no batch exceeds it.
     """
+
+    SAFETY = 1.25  # headroom on the learned bytes per row
 
     def __init__(
         self,
@@ -81,60 +84,70 @@ class Batcher:
         self.epoch = time.time_ns()
         self._seq: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
+        self._row_bytes: dict[str, float] = {}
 
     def add(self, stream: str, records: np.ndarray) -> list[Batch]:
         """Take drained records; returns the batches that are now full."""
         out = []
-        per_row = records.dtype.itemsize + 4 * len(records.dtype.names or ())
-        cap_rows = max(1, min(self.max_rows, self.max_bytes // per_row))
+        # before the first batch, assume the worst: every byte of the record is encoded
+        worst = records.dtype.itemsize + 4 * len(records.dtype.names or ())
         pos = 0
         while pos < len(records):
+            row_bytes = self._row_bytes.get(stream, worst)
+            cap_rows = max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
             p = self._pending.setdefault(stream, _Pending())
             if not p.rows:
                 p.first_ns = time.monotonic_ns()
-            take = min(cap_rows - p.rows, len(records) - pos)
+            take = min(max(cap_rows - p.rows, 0), len(records) - pos)
             p.chunks.append(records[pos : pos + take])
             p.rows += take
             pos += take
             if p.rows >= cap_rows:
-                out.append(self._cut(stream))
+                out += self._cut(stream)
         return out
 
     def due(self, now_ns: int | None = None) -> list[Batch]:
         """Batches whose oldest row reached max age."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
-        return [
-            self._cut(s)
-            for s, p in list(self._pending.items())
-            if p.rows and now_ns - p.first_ns >= self.max_age_ns
-        ]
+        old = [s for s, p in self._pending.items() if p.rows and now_ns - p.first_ns >= self.max_age_ns]
+        return [b for s in old for b in self._cut(s)]
 
-    def cut_now(self, stream: str, records: np.ndarray) -> Batch:
-        """A batch of exactly these records, now (for rows the agent makes itself)."""
+    def cut_now(self, stream: str, records: np.ndarray) -> list[Batch]:
+        """Batches of exactly these records, now (for rows the agent makes itself)."""
         pending = self._pending.pop(stream, None)
         self._pending[stream] = _Pending([records], len(records), time.monotonic_ns())
-        batch = self._cut(stream)
+        batches = self._cut(stream)
         if pending is not None:
             self._pending[stream] = pending
-        return batch
+        return batches
 
     def flush(self) -> list[Batch]:
-        return [self._cut(s) for s, p in list(self._pending.items()) if p.rows]
+        return [b for s in [s for s, p in self._pending.items() if p.rows] for b in self._cut(s)]
 
     @property
     def pending_rows(self) -> int:
         return sum(p.rows for p in self._pending.values())
 
-    def _cut(self, stream: str) -> Batch:
+    def _cut(self, stream: str) -> list[Batch]:
         p = self._pending.pop(stream)
         records = p.chunks[0] if len(p.chunks) == 1 else np.concatenate(p.chunks)
-        seq = self._seq[stream] = self._seq.get(stream, 0) + 1
+        return self._encode(stream, records)
+
+    def _encode(self, stream: str, records: np.ndarray) -> list[Batch]:
+        columns = self.builders[stream](records, boot_to_wall_offset_ns())
+        seq = self._seq.get(stream, 0) + 1
         batch_id = f"{self.node.machine_id}-{stream}-{self.epoch:x}-{seq}"
         created = time.time_ns()
         header = batch_pb2.BatchHeader(
             node=self.node, batch_id=batch_id, stream=stream, epoch=self.epoch, sequence=seq,
             created_ns=created, row_count=len(records), schema_minor=SCHEMA_MINOR,
         )  # fmt: skip
-        columns = self.builders[stream](records, boot_to_wall_offset_ns())
         payload = encode_batch(SCHEMAS[stream], header, columns)
-        return Batch(stream, batch_id, seq, len(records), payload, self.node.host_name.encode(), created)
+        if len(records):
+            learned = len(payload) / len(records)
+            self._row_bytes[stream] = (self._row_bytes.get(stream, learned) + learned) / 2
+        if len(payload) > self.max_bytes and len(records) > 1:
+            half = len(records) // 2  # the sequence number was not taken: halves get seq, seq+1
+            return self._encode(stream, records[:half]) + self._encode(stream, records[half:])
+        self._seq[stream] = seq
+        return [Batch(stream, batch_id, seq, len(records), payload, self.node.host_name.encode(), created)]

@@ -11,7 +11,7 @@ CREATE TABLE IF NOT EXISTS fleet.process_exec
     `cgroup_id` UInt64 CODEC(T64, ZSTD(1)),
     `comm` LowCardinality(String),
     `filename` LowCardinality(String),
-    `args` String CODEC(ZSTD(3)),
+    `args` String CODEC(ZSTD(1)),
     `argc` UInt32 CODEC(T64, ZSTD(1)),
     `args_truncated` UInt8
 )

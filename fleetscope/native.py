@@ -1,0 +1,146 @@
+"""ClickHouse Native format blocks built from columns with numpy, no Python object per row.
+
+clickhouse-connect serialises String and LowCardinality columns element by element (it
+rebuilds a dictionary per column in Python). A batch's string columns are already
+dictionary encoded, which is exactly LowCardinality's wire form, and every other column is
+a little-endian array, so the whole Native block is a few numpy operations; the block goes
+to ClickHouse with clickhouse-connect's raw_insert (HTTP or the embedded engine).
+
+Native block: varint columns, varint rows, then per column: name, type, data. Data per
+type (ClickHouse's own serialisation, as clickhouse-connect writes it):
+- fixed-width numbers, DateTime64 (Int64 ticks): the little-endian array;
+- String: per row a LEB128 length and the bytes;
+- LowCardinality(String): UInt64 version 1 (the column prefix), UInt64 flags (index width
+  | HasAdditionalKeys | NeedUpdateDictionary), UInt64 key count, the keys as a String
+  column, UInt64 row count, the per-row index as UInt8/16/32/64;
+- Array(T): UInt64 end offsets per row, then the flattened values.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+import numpy as np
+
+from fleetscope.codec import StringColumn
+
+_FIXED = {
+    "UInt8": "<u1", "UInt16": "<u2", "UInt32": "<u4", "UInt64": "<u8",
+    "Int8": "<i1", "Int16": "<i2", "Int32": "<i4", "Int64": "<i8",
+    "Float32": "<f4", "Float64": "<f8", "Bool": "<u1",
+}  # fmt: skip
+_LC_VERSION = 1  # SharedDictionariesWithAdditionalKeys
+_LC_FLAGS = (1 << 9) | (1 << 10)  # HasAdditionalKeysBit | NeedUpdateDictionary
+
+
+class NativeTypeError(TypeError):
+    """A column type this writer does not serialise; the caller uses clickhouse-connect."""
+
+    retriable: ClassVar[bool] = False
+
+
+def _leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _name(text: str) -> bytes:
+    raw = text.encode()
+    return _leb128(len(raw)) + raw
+
+
+def fixed_dtype(ch_type: str) -> np.dtype | None:
+    """The numpy dtype of a fixed-width ClickHouse type, or None."""
+    if ch_type.startswith("DateTime64"):
+        return np.dtype("<i8")
+    code = _FIXED.get(ch_type)
+    return np.dtype(code) if code else None
+
+
+def supported(ch_type: str) -> bool:
+    """Whether column_bytes() writes this ClickHouse type."""
+    if fixed_dtype(ch_type) is not None or ch_type in ("String", "LowCardinality(String)"):
+        return True
+    inner = re.fullmatch(r"Array\((.+)\)", ch_type)
+    return inner is not None and fixed_dtype(inner.group(1)) is not None
+
+
+def strings(data: bytes, offsets: np.ndarray, index: np.ndarray) -> bytes:
+    """A String column: for each row, LEB128 length + bytes of dictionary entry index[row]."""
+    ends = offsets.astype(np.int64)
+    starts = np.concatenate(([0], ends[:-1])) if len(ends) else ends
+    lens = (ends - starts)[index] if len(index) else np.zeros(0, np.int64)
+    # LEB128 size of each length: 1 byte below 2**7, 2 below 2**14, ...
+    vsize = np.ones(len(lens), np.int64)
+    for k in range(1, 5):
+        vsize += lens >= (1 << (7 * k))
+    row_size = vsize + lens
+    row_start = np.cumsum(row_size) - row_size
+    out = np.zeros(int(row_size.sum()), np.uint8)
+    for k in range(int(vsize.max()) if len(vsize) else 0):
+        has = vsize > k
+        byte = (lens[has] >> (7 * k)) & 0x7F
+        more = (vsize[has] > k + 1).astype(np.int64) << 7
+        out[row_start[has] + k] = byte | more
+    total = int(lens.sum())
+    if total:
+        # gather every payload byte: source and destination run in step inside each row
+        payload_start = np.cumsum(lens) - lens
+        step = np.arange(total, dtype=np.int64)
+        src = np.repeat(starts[index] - payload_start, lens) + step
+        dst = np.repeat(row_start + vsize - payload_start, lens) + step
+        out[dst] = np.frombuffer(data, np.uint8)[src]
+    return out.tobytes()
+
+
+def _low_cardinality(col: StringColumn) -> bytes:
+    keys = len(col.offsets)
+    if keys == 0:  # no rows: an empty dictionary is still a dictionary
+        keys_blob, index = b"", np.zeros(len(col.index), np.uint8)
+    else:
+        keys_blob = strings(col.data, col.offsets, np.arange(keys))
+        width = 0 if keys <= 1 << 8 else 1 if keys <= 1 << 16 else 2
+        index = col.index.astype(("<u1", "<u2", "<u4")[width])
+    flags = _LC_FLAGS | (0 if keys <= 1 << 8 else 1 if keys <= 1 << 16 else 2)
+    head = np.array([_LC_VERSION, flags, keys], "<u8").tobytes()
+    return head + keys_blob + np.array([len(col.index)], "<u8").tobytes() + index.tobytes()
+
+
+def column_bytes(ch_type: str, values: np.ndarray | StringColumn, rows: int) -> bytes:
+    """One column's Native data; raises NativeTypeError for a type it does not write."""
+    if isinstance(values, StringColumn):
+        if ch_type == "LowCardinality(String)":
+            return _low_cardinality(values)
+        if ch_type == "String":
+            return strings(values.data, values.offsets, values.index)
+        raise NativeTypeError(f"a string column cannot be written as {ch_type}")
+    dtype = fixed_dtype(ch_type)
+    if dtype is not None:
+        if len(values) != rows:
+            raise ValueError(f"{len(values)} values for {rows} rows")
+        return np.ascontiguousarray(values).astype(dtype, copy=False).view(np.uint8).tobytes()
+    inner = re.fullmatch(r"Array\((.+)\)", ch_type)
+    if inner and (dtype := fixed_dtype(inner.group(1))) is not None:
+        flat = np.ascontiguousarray(values).reshape(rows, -1)  # one fixed-length array per row
+        ends = np.arange(1, rows + 1, dtype="<u8") * np.uint64(flat.shape[1])
+        return ends.tobytes() + flat.astype(dtype, copy=False).tobytes()
+    raise NativeTypeError(f"no native writer for {ch_type}")
+
+
+def block(columns: list[tuple[str, str, np.ndarray | StringColumn]], rows: int) -> bytes:
+    """A Native block of (name, ClickHouse type, values) columns, all of `rows` rows."""
+    parts = [_leb128(len(columns)), _leb128(rows)]
+    for name, ch_type, values in columns:
+        parts += [_name(name), _name(ch_type), column_bytes(ch_type, values, rows)]
+    return b"".join(parts)
+
+
+def constant_strings(value: str, rows: int) -> StringColumn:
+    """A string column holding one value in every row (e.g. the batch's node)."""
+    raw = value.encode()
+    return StringColumn(raw, np.array([len(raw)], "<u4"), np.zeros(rows, "<u4"))
