@@ -1,8 +1,9 @@
 # fleetscope agent and ingester image. The CO-RE probes are compiled at build time against
-# the build host's BTF (/sys/kernel/btf/vmlinux) and relocate to the running kernel at load.
+# the build host's BTF (/sys/kernel/btf/vmlinux) and relocate to the running kernel at load;
+# on a node without BTF the agent compiles bpf/<probe>.bcc.c with bcc (python3-bpfcc) instead.
 FROM python:3.11-slim-bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends \
-        clang llvm libbpf-dev libbpf1 bpftool libelf-dev make \
+        clang llvm libbpf-dev libbpf1 bpftool libelf-dev make python3-bpfcc \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/fleetscope
 COPY . .

@@ -4,20 +4,21 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev maven
+APT_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev maven python3-bpfcc
 DATA_DIR ?= ./data
 PYTEST_ARGS ?=
 
 PROTO_SRC := $(wildcard schemas/fleetscope/v1/*.proto)
 PROTO_OUT := $(patsubst schemas/%.proto,%_pb2.py,$(PROTO_SRC))
 
-.PHONY: all deps system-packages venv proto bpf kafka run test lint clean
+.PHONY: all deps system-packages venv proto bpf kafka go-client run test lint clean
 
 all: deps
 
 deps: system-packages venv proto bpf
 
-# Debian packages: the BPF toolchain, Maven (fetches the test broker), a Java runtime.
+# Debian packages: the BPF toolchain, bcc (the fallback loader; its pure-Python package is
+# imported from Debian's path by node_agent.bcc_loader), Maven (fetches the test broker), a Java runtime.
 system-packages: .cache/system-packages.stamp
 .cache/system-packages.stamp: Makefile
 	@mkdir -p .cache
@@ -47,10 +48,17 @@ bpf: system-packages
 kafka: system-packages
 	@tools/kafka/fetch.sh
 
+# clickhouse-go (Grafana's client family) for the SQL interface test: modules from the Go
+# module proxy, compiled once so the test's own build is quick.
+go-client:
+	@if command -v go >/dev/null 2>&1; then \
+		cd tests/go/chquery && go mod download && go build -o /dev/null . ; \
+	else echo "go is not installed: the clickhouse-go test will skip (and fail in CI)"; fi
+
 run: deps
 	$(VENV)/bin/fleetscope run --data-dir $(DATA_DIR)
 
-test: deps kafka
+test: deps kafka go-client
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv proto

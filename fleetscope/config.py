@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -82,6 +83,37 @@ def _host_port(text: str) -> str:
     return f"{host}:{port}"
 
 
+def _listen(text: str) -> str:
+    """HOST:PORT to listen on (port 0: any free port), or "off"."""
+    if text.strip().lower() in ("off", "no", "none", "false"):
+        return "off"
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (or off)")
+    return f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address of host is a loopback address (127.0.0.0/8, ::1)."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def _host_port_or_any(text: str) -> str:
+    value = _listen(text)
+    if value == "off":
+        raise ValueError("serve-sql needs an address to listen on, e.g. 127.0.0.1:8123")
+    return value
+
+
 def _brokers(text: str) -> tuple[str, ...]:
     items = tuple(_host_port(b) for b in text.split(",") if b.strip())
     if not items:
@@ -128,12 +160,83 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be a number from 0 to 1, e.g. 0.01 for 1%")
+    return value
+
+
+FILE_OPEN_PREFIXES_MAX = 8  # FILE_OPEN_PREFIXES in bpf/file_open.h
+FILE_OPEN_PREFIX_BYTES = 64  # FILE_OPEN_PREFIX_LEN in bpf/file_open.h
+
+
+def _path_prefixes(text: str) -> tuple[str, ...]:
+    """Comma-separated path prefixes for the file_open probe; empty: none."""
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if len(items) > FILE_OPEN_PREFIXES_MAX:
+        raise ValueError(f"at most {FILE_OPEN_PREFIXES_MAX} prefixes")
+    long = [s for s in items if len(s.encode()) > FILE_OPEN_PREFIX_BYTES]
+    if long:
+        raise ValueError(f"{long[0]!r} is longer than {FILE_OPEN_PREFIX_BYTES} bytes")
+    return items
+
+
 def opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str | None = None) -> Any:
     """Declare a setting: its default, the parser for text values, and its help line."""
     return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
 
 
 DEFAULT_PROBES = ("process",)
+
+# Label selector terms: k=v, k==v, k!=v, k, !k, k in (a,b), k notin (a,b); field selectors
+# take the first three only (what the API server accepts).
+_SELECTOR_TERM = re.compile(
+    r"\s*(?:(?P<not>!)\s*(?P<nkey>[\w./-]+)"
+    r"|(?P<key>[\w./-]+)\s*(?:(?P<op>==|=|!=)\s*(?P<value>[\w./-]*)"
+    r"|\s+(?P<setop>in|notin)\s*\((?P<values>[^()]*)\))?)\s*(?:,|$)"
+)
+
+
+def selector_terms(text: str, fields: bool = False) -> list[tuple[str, str, tuple[str, ...]]]:
+    """A Kubernetes label (or field) selector as (key, operator, values) terms; operators are
+    =, !=, in, notin, exists, !exists. Raises ValueError naming what is not understood."""
+    terms: list[tuple[str, str, tuple[str, ...]]] = []
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        m = _SELECTOR_TERM.match(text, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"cannot parse the selector at {text[pos:]!r}")
+        pos = m.end()
+        if m["nkey"]:
+            terms.append((m["nkey"], "!exists", ()))
+        elif m["setop"]:
+            terms.append((m["key"], m["setop"], tuple(v.strip() for v in m["values"].split(",") if v.strip())))
+        elif m["op"]:
+            terms.append((m["key"], "=" if m["op"] in ("=", "==") else "!=", (m["value"],)))
+        else:
+            terms.append((m["key"], "exists", ()))
+        if fields and terms[-1][1] not in ("=", "!="):
+            raise ValueError("a field selector takes only key=value and key!=value terms")
+    return terms
+
+
+def _label_selector(text: str) -> str:
+    selector_terms(text)
+    return text.strip()
+
+
+def _field_selector(text: str) -> str:
+    selector_terms(text, fields=True)
+    return text.strip()
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated names (label or annotation keys); empty: none."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+DEFAULT_K8S_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version", "app")
 
 
 def _probes(text: str) -> tuple[str, ...]:
@@ -173,19 +276,53 @@ class AgentOptions:
         "only events of tasks in this cgroup v2 directory or below (absolute, or relative to the mount)",
     )
     bpf_dir: Path = opt(REPO_ROOT / "bpf", _path, "directory with the compiled *.bpf.o probes")
+    loader: str = opt(
+        "auto",
+        _choice("auto", "libbpf", "bcc"),
+        "how probes load: libbpf (CO-RE objects), bcc (fallback, compiles bpf/<probe>.bcc.c), "
+        "auto (libbpf when the kernel has BTF, else bcc)",
+    )
     args_max: int = opt(512, _positive_int, "bytes of argv captured per exec (at most 1024)")
-    ring_bytes: int = opt(8 << 20, _size, "ring buffer size per event kind (power of 2, >= 4096)")
+    file_open_prefixes: tuple[str, ...] = opt(
+        ("/etc/",),
+        _path_prefixes,
+        "file_open: also record successful opens of paths starting with one of these "
+        f"(at most {FILE_OPEN_PREFIXES_MAX}, {FILE_OPEN_PREFIX_BYTES} bytes each; failures are always recorded)",
+        "LIST",
+    )
+    file_open_all: bool = opt(False, _bool, "file_open: record every open, not only failures and prefixes")
+    tcp_max_connections: int = opt(
+        65536, _positive_int, "tcp_connections: connection ends tracked at once; more are counted as drops"
+    )
+    histogram_interval: float = opt(
+        10.0, _duration, "*_latency probes: how often the in-kernel histograms are read and shipped (>= 100ms)"
+    )
+    histogram_max_keys: int = opt(
+        4096,
+        _positive_int,
+        "*_latency probes: histogram keys per interval (cgroup x syscall, disk x operation, cgroup); "
+        "samples of further keys are counted as drops",
+    )
+    ring_bytes: int = opt(2 << 20, _size, "ring buffer size per event kind (power of 2, >= 4096)")
+    cgroup_cache_entries: int = opt(
+        16384, _positive_int, "cgroup ids whose container id and pod UID the agent remembers (LRU)"
+    )
     batch_max_rows: int = opt(16384, _positive_int, "a batch is shipped at this many rows")
     batch_max_bytes: int = opt(
         1 << 20, _size, "... or this many bytes (keep under the broker's message.max.bytes)"
     )
     batch_max_age: float = opt(1.0, _duration, "... or when its oldest row is this old")
     status_interval: float = opt(10.0, _duration, "how often the agent logs its counters")
+    status_listen: str = opt(
+        "127.0.0.1:9465", _listen, "serve the agent's /status and /healthz here (off: don't)", "HOST:PORT|off"
+    )
     stats_interval: float = opt(10.0, _duration, "how often counters are shipped to fleet.pipeline_stats")
 
     def validate(self) -> None:
         if self.args_max > 1024:
             raise ConfigError("args_max: must be at most 1024 (the record's argv field)")
+        if self.histogram_interval < 0.1:
+            raise ConfigError(f"histogram_interval: {self.histogram_interval}s is too short; use 100ms or more")
         rb = self.ring_bytes
         if rb < 4096 or rb & (rb - 1):
             raise ConfigError(f"ring_bytes: {rb} must be a power of 2 and at least 4096")
@@ -196,7 +333,39 @@ class AgentOptions:
 
 
 @dataclass(frozen=True)
-class AgentSettings(Common, Kafka, AgentOptions):
+class Tracing:
+    """The pipeline's own traces and where spans go over OTLP (fleetscope/otel.py). The
+    OpenTelemetry SDK reads the standard OTEL_EXPORTER_OTLP_* variables (endpoint, headers,
+    TLS, compression, timeout) and OTEL_BSP_* itself; fleetscope does not."""
+
+    otlp_protocol: str = opt(
+        "off",
+        _choice("off", "http/protobuf", "grpc"),
+        "export spans over OTLP with this protocol (endpoint etc. from OTEL_EXPORTER_OTLP_*); off: don't",
+        "off|http/protobuf|grpc",
+    )
+    trace_sample_ratio: float = opt(
+        0.01, _ratio, "share of batches whose trip through the pipeline is traced (self-tracing, needs OTLP)"
+    )
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Spans derived from kernel events, written by the ingester (ingester/spans.py)."""
+
+    spans: bool = opt(
+        True,
+        _bool,
+        "turn TCP connections, process lifetimes, OOM kills and fatal signals into spans "
+        "(fleet.otel_traces, and OTLP with otlp_protocol)",
+    )
+    span_process_min_duration: float = opt(
+        1.0, _duration, "a process becomes a span when it lived at least this long (0: every process)"
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings(Common, Kafka, AgentOptions, Tracing):
     """`fleetscope agent`: probes -> Kafka."""
 
     def validate(self) -> None:
@@ -206,7 +375,41 @@ class AgentSettings(Common, Kafka, AgentOptions):
 
 
 @dataclass(frozen=True)
-class IngestSettings(Common, Kafka, Store):
+class CheckSettings(Common, AgentOptions):
+    """`fleetscope agent --check`: which probes load on this kernel; needs no broker."""
+
+
+@dataclass(frozen=True)
+class Kubernetes:
+    """Where the ingester learns pod metadata for the k8s_* columns (ingester/enrich)."""
+
+    k8s_api: str = opt(
+        "off",
+        _choice("off", "in-cluster", "kubeconfig"),
+        "Kubernetes API for pod metadata: in-cluster (the pod's service account), kubeconfig (k8s_kubeconfig), "
+        "or off",
+    )
+    k8s_kubeconfig: Path = opt(Path("~/.kube/config"), _path, "kubeconfig file for k8s_api kubeconfig")
+    k8s_context: str = opt("", str, "context of the kubeconfig to use (default: its current-context)")
+    k8s_label_selector: str = opt(
+        "", _label_selector, "only pods matching this label selector, e.g. 'tier=web,env!=dev' (default: all)"
+    )
+    k8s_field_selector: str = opt(
+        "", _field_selector, "only pods matching this field selector, e.g. 'metadata.namespace!=kube-system'"
+    )
+    k8s_labels: tuple[str, ...] = opt(DEFAULT_K8S_LABELS, _names, "pod labels copied into k8s_labels", "LIST")
+    k8s_annotations: tuple[str, ...] = opt((), _names, "pod annotations copied into k8s_annotations", "LIST")
+    k8s_deleted_grace: float = opt(600.0, _duration, "deleted pods stay resolvable this long, for late events")
+    k8s_resolve_wait: float = opt(
+        2.0,
+        _duration,
+        "a batch with pods or containers the watch has not delivered yet waits for them until this long "
+        "after the batch was made (0: never)",
+    )
+
+
+@dataclass(frozen=True)
+class IngestSettings(Common, Kafka, Store, Kubernetes, Spans, Tracing):
     """`fleetscope ingest`: Kafka -> ClickHouse."""
 
     group_id: str = opt("fleetscope-ingest", str, "Kafka consumer group")
@@ -223,10 +426,49 @@ class IngestSettings(Common, Kafka, Store):
 
 
 @dataclass(frozen=True)
-class RunSettings(Common, AgentOptions):
+class SqlAccess:
+    """Who may use the ClickHouse HTTP interface of `run` and `serve-sql`, and how much."""
+
+    sql_user: str = opt("default", str, "user name SQL clients must send (with sql_password)")
+    sql_password: str = opt(
+        "", str, "password SQL clients must send; empty: no check (loopback only). Prefer the environment"
+    )
+    sql_password_file: Path | None = opt(None, _path, "read sql_password from the first line of this file")
+    sql_read_only: bool = opt(False, _bool, "accept only SELECT, SHOW, DESCRIBE, EXISTS, EXPLAIN (dashboards)")
+    sql_max_queries: int = opt(16, _positive_int, "queries and inserts run at once; more wait for a slot")
+
+    def sql_secret(self) -> str:
+        """The password clients must send ("" for none), from sql_password or its file."""
+        if self.sql_password_file is None:
+            return self.sql_password
+        try:
+            lines = self.sql_password_file.read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"sql_password_file: cannot read {self.sql_password_file}: {e.strerror}") from None
+        if not lines or not lines[0]:
+            raise ConfigError(f"sql_password_file: {self.sql_password_file} is empty; put the password on line 1")
+        return lines[0]
+
+    def check_listen(self, key: str, listen: str) -> None:
+        """Refuse to expose the store beyond this machine without a password."""
+        if self.sql_password and self.sql_password_file:
+            raise ConfigError("sql_password/sql_password_file: give one of them, not both")
+        secret = self.sql_secret()
+        if listen != "off" and not secret and not is_loopback(listen.rpartition(":")[0]):
+            raise ConfigError(
+                f"{key}: {listen} is reachable from other machines and no password is set; set "
+                "FLEETSCOPE_SQL_PASSWORD or sql_password_file, or listen on 127.0.0.1"
+            )
+
+
+@dataclass(frozen=True)
+class RunSettings(Common, AgentOptions, SqlAccess, Kubernetes, Spans, Tracing):
     """`fleetscope run`: agent and ingester in one process, embedded ClickHouse."""
 
     data_dir: Path = opt(Path("./data"), _path, "where the embedded ClickHouse keeps its data")
+    sql_listen: str = opt(
+        "127.0.0.1:8123", _listen, "serve the ClickHouse HTTP interface here (off: don't)", "HOST:PORT|off"
+    )
     duration: float = opt(0.0, _duration, "stop after this long (0: run until Ctrl-C)")
     status: str = opt(
         "auto", _choice("auto", "line", "log", "off"), "live status: one line on a TTY, log lines otherwise"
@@ -236,22 +478,45 @@ class RunSettings(Common, AgentOptions):
     def clickhouse(self) -> str:
         return f"chdb://{self.data_dir.resolve()}"
 
+    def validate(self) -> None:
+        AgentOptions.validate(self)
+        self.check_listen("sql_listen", self.sql_listen)
+
+
+@dataclass(frozen=True)
+class ServeSqlSettings(Common, SqlAccess):
+    """`fleetscope serve-sql`: the ClickHouse HTTP interface over an embedded store."""
+
+    data_dir: Path = opt(Path("./data"), _path, "the embedded store to serve")
+    listen: str = opt("127.0.0.1:8123", _host_port_or_any, "address of the ClickHouse HTTP interface", "HOST:PORT")
+
+    def validate(self) -> None:
+        self.check_listen("listen", self.listen)
+
+
+DEFAULT_SQL_DSN = "http://127.0.0.1:8123"
+
 
 @dataclass(frozen=True)
 class QuerySettings(Common):
     """`fleetscope query`: run SQL, print a table."""
 
-    data_dir: Path | None = opt(None, _path, "query the embedded store in this directory")
-    clickhouse: str = opt("", _dsn, "or query this ClickHouse DSN", "DSN")
+    data_dir: Path | None = opt(None, _path, "query a store no process has open, in this directory")
+    clickhouse: str = opt(
+        "", _dsn, f"or query this ClickHouse DSN (default with neither: {DEFAULT_SQL_DSN}, a running "
+        "`fleetscope run` or `serve-sql`)", "DSN",
+    )  # fmt: skip
     format: str = opt("table", _choice("table", "tsv", "json"), "output format")
 
     def validate(self) -> None:
-        if bool(self.data_dir) == bool(self.clickhouse):
-            raise ConfigError("data_dir/clickhouse: give exactly one of --data-dir DIR or --clickhouse DSN")
+        if self.data_dir and self.clickhouse:
+            raise ConfigError("data_dir/clickhouse: give one of --data-dir DIR or --clickhouse DSN, not both")
 
     @property
     def dsn(self) -> str:
-        return self.clickhouse or f"chdb://{Path(self.data_dir or '.').resolve()}"
+        if self.data_dir:
+            return f"chdb://{self.data_dir.resolve()}"
+        return self.clickhouse or DEFAULT_SQL_DSN
 
 
 @dataclass(frozen=True)

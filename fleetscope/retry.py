@@ -1,4 +1,5 @@
-"""Capped exponential backoff with full jitter, shared by every retry loop."""
+"""Capped exponential backoff with full jitter, shared by every retry loop, and the
+one-line error text those loops log."""
 
 from __future__ import annotations
 
@@ -15,3 +16,8 @@ class Backoff:
         delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
         self.attempt += 1
         return delay
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's text (driver errors carry whole server responses)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

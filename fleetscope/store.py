@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import clickhouse_connect
@@ -20,6 +20,8 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
 from fleetscope.config import REPO_ROOT
+from fleetscope.errors import MigrationError, StoreError
+from fleetscope.retry import first_line
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +31,6 @@ DATABASE = "fleet"
 # clickhouse-connect writes numpy DateTime64 columns without per-element conversion only
 # when their write format is "int" (nanosecond ticks); fleetscope only ever inserts ticks.
 set_write_format("DateTime64", "int")
-
-
-class StoreError(RuntimeError):
-    """ClickHouse could not be reached or refused a statement."""
-
-    retriable: ClassVar[bool] = True
-
-
-class MigrationError(StoreError):
-    """The migration history does not match the files; needs an operator."""
-
-    retriable: ClassVar[bool] = False
 
 
 def mask_dsn(dsn: str) -> str:
@@ -65,10 +55,6 @@ def connect(dsn: str) -> Client:
         return clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
     except (ClickHouseError, OSError, RuntimeError) as e:
         raise StoreError(f"cannot connect to ClickHouse at {mask_dsn(dsn)}: {first_line(e)}") from e
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @dataclass(frozen=True)
@@ -145,8 +131,6 @@ def is_retriable(e: BaseException) -> bool:
     return isinstance(e, OperationalError | OSError | StoreError) and getattr(e, "retriable", True)
 
 
-def query_table(
-    client: Client, sql: str, parameters: dict[str, Any] | None = None
-) -> tuple[list[str], list[tuple]]:
+def query_table(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
     res = client.query(sql, parameters=parameters)
     return list(res.column_names), [tuple(r) for r in res.result_rows]

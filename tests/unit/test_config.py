@@ -54,9 +54,22 @@ def test_unknown_file_key_is_an_error(tmp_path: Path) -> None:
         build(IngestSettings, ["ingest", "--config", str(f)])
 
 
-def test_query_needs_exactly_one_store() -> None:
-    with pytest.raises(ConfigError, match="exactly one"):
-        build(QuerySettings, ["query", "SELECT 1"])
+def test_query_defaults_to_the_local_sql_interface() -> None:
+    assert build(QuerySettings, ["query", "SELECT 1"]).dsn == "http://127.0.0.1:8123"
+    assert build(QuerySettings, ["query", "--data-dir", "/d", "SELECT 1"]).dsn == "chdb:///d"
+    with pytest.raises(ConfigError, match="not both"):
+        build(QuerySettings, ["query", "--data-dir", "d", "--clickhouse", "http://h:8123", "SELECT 1"])
+
+
+def test_sql_interface_beyond_loopback_needs_a_password(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sql_listen: 0\.0\.0\.0:8123 is reachable from other machines"):
+        build(cli.COMMANDS["run"][0], ["run", "--sql-listen", "0.0.0.0:8123"])
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    argv = ["serve-sql", "--listen", "0.0.0.0:8123", "--sql-password-file", str(secret)]
+    s = build(cli.COMMANDS["serve-sql"][0], argv)
+    assert s.sql_secret() == "s3cret"
+    assert build(cli.COMMANDS["run"][0], ["run", "--sql-listen", "off"]).sql_listen == "off"
 
 
 def test_cli_exits_2_with_the_key_and_help_lists_env_and_key() -> None:
