@@ -13,13 +13,22 @@ type (ClickHouse's own serialisation, as clickhouse-connect writes it):
 - LowCardinality(String): UInt64 version 1 (the column prefix), UInt64 flags (index width
   | HasAdditionalKeys | NeedUpdateDictionary), UInt64 key count, the keys as a String
   column, UInt64 row count, the per-row index as UInt8/16/32/64;
-- Array(T): UInt64 end offsets per row, then the flattened values.
+- Array(T): UInt64 end offsets per row, then the flattened values;
+- IPv6: 16 bytes per row in network order (a per_row column whose rows hold those bytes);
+- Map(K, V): on the wire Array(Tuple(K, V)): UInt64 end offsets per row, then all keys as a
+  K column, then all values as a V column.
+
+A column's prefix comes first, before any of its data, also when the type is nested: the
+LowCardinality version of Array(LowCardinality(String)) or of a Map's keys precedes the
+array offsets. An empty nested LowCardinality column writes no data at all (as ClickHouse
+does for empty arrays).
 """
 
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Union
 
 import numpy as np
 
@@ -62,12 +71,56 @@ def fixed_dtype(ch_type: str) -> np.dtype | None:
     return np.dtype(code) if code else None
 
 
+@dataclass
+class MapColumn:
+    """A Map column as on the wire: row i holds the entries offsets[i-1]:offsets[i] of keys
+    and values (dictionary-encoded string columns with one index per entry)."""
+
+    offsets: np.ndarray  # uint64 end offsets, one per row
+    keys: StringColumn
+    values: StringColumn
+
+
+@dataclass
+class ArrayColumn:
+    """A variable-length Array column: row i holds values[offsets[i-1]:offsets[i]]."""
+
+    offsets: np.ndarray  # uint64 end offsets, one per row
+    values: Values
+
+
+Values = Union[np.ndarray, StringColumn, MapColumn, ArrayColumn]  # noqa: UP007 - a runtime alias
+
+
+def _array_inner(ch_type: str) -> str | None:
+    m = re.fullmatch(r"Array\((.+)\)", ch_type)
+    return m.group(1) if m else None
+
+
+def _map_args(ch_type: str) -> tuple[str, str] | None:
+    """Key and value type of Map(K, V), split at the top-level comma."""
+    m = re.fullmatch(r"Map\((.+)\)", ch_type)
+    if not m:
+        return None
+    args, depth = m.group(1), 0
+    for i, ch in enumerate(args):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            return args[:i].strip(), args[i + 1 :].strip()
+    return None
+
+
+_STRINGS = ("String", "LowCardinality(String)")
+
+
 def supported(ch_type: str) -> bool:
     """Whether column_bytes() writes this ClickHouse type."""
-    if fixed_dtype(ch_type) is not None or ch_type in ("String", "LowCardinality(String)"):
+    if fixed_dtype(ch_type) is not None or ch_type in (*_STRINGS, "IPv6"):
         return True
-    inner = re.fullmatch(r"Array\((.+)\)", ch_type)
-    return inner is not None and fixed_dtype(inner.group(1)) is not None
+    if (inner := _array_inner(ch_type)) is not None:
+        return supported(inner)
+    kv = _map_args(ch_type)
+    return kv is not None and kv[0] in _STRINGS and kv[1] in _STRINGS
 
 
 def strings(data: bytes, offsets: np.ndarray, index: np.ndarray) -> bytes:
@@ -98,8 +151,11 @@ def strings(data: bytes, offsets: np.ndarray, index: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def _low_cardinality(col: StringColumn) -> bytes:
+def _low_cardinality(col: StringColumn, nested: bool = False) -> bytes:
+    """LowCardinality(String) data after its prefix (see _prefix)."""
     keys = len(col.offsets)
+    if nested and len(col.index) == 0:
+        return b""  # an empty nested column (all arrays empty) has no data
     if keys == 0:  # no rows: an empty dictionary is still a dictionary
         keys_blob, index = b"", np.zeros(len(col.index), np.uint8)
     else:
@@ -107,32 +163,74 @@ def _low_cardinality(col: StringColumn) -> bytes:
         width = 0 if keys <= 1 << 8 else 1 if keys <= 1 << 16 else 2
         index = col.index.astype(("<u1", "<u2", "<u4")[width])
     flags = _LC_FLAGS | (0 if keys <= 1 << 8 else 1 if keys <= 1 << 16 else 2)
-    head = np.array([_LC_VERSION, flags, keys], "<u8").tobytes()
+    head = np.array([flags, keys], "<u8").tobytes()
     return head + keys_blob + np.array([len(col.index)], "<u8").tobytes() + index.tobytes()
 
 
-def column_bytes(ch_type: str, values: np.ndarray | StringColumn, rows: int) -> bytes:
-    """One column's Native data; raises NativeTypeError for a type it does not write."""
+def _prefix(ch_type: str) -> bytes:
+    """The column's serialisation prefix, written before any of its data."""
+    if ch_type == "LowCardinality(String)":
+        return np.array([_LC_VERSION], "<u8").tobytes()
+    if (inner := _array_inner(ch_type)) is not None:
+        return _prefix(inner)
+    if (kv := _map_args(ch_type)) is not None:
+        return _prefix(kv[0]) + _prefix(kv[1])
+    return b""
+
+
+def _offsets(offsets: np.ndarray, rows: int) -> tuple[bytes, int]:
+    """End offsets as UInt64 and the number of nested values they cover."""
+    if len(offsets) != rows:
+        raise ValueError(f"{len(offsets)} offsets for {rows} rows")
+    ends = np.ascontiguousarray(offsets, "<u8")
+    return ends.tobytes(), int(ends[-1]) if rows else 0
+
+
+def _data(ch_type: str, values: Values, rows: int, nested: bool) -> bytes:
     if isinstance(values, StringColumn):
+        if len(values.index) != rows:
+            raise ValueError(f"{len(values.index)} strings for {rows} rows")
         if ch_type == "LowCardinality(String)":
-            return _low_cardinality(values)
+            return _low_cardinality(values, nested)
         if ch_type == "String":
             return strings(values.data, values.offsets, values.index)
         raise NativeTypeError(f"a string column cannot be written as {ch_type}")
+    if isinstance(values, MapColumn):
+        kv = _map_args(ch_type)
+        if kv is None:
+            raise NativeTypeError(f"a map column cannot be written as {ch_type}")
+        raw_ends, total = _offsets(values.offsets, rows)
+        return raw_ends + _data(kv[0], values.keys, total, True) + _data(kv[1], values.values, total, True)
+    if isinstance(values, ArrayColumn):
+        inner = _array_inner(ch_type)
+        if inner is None:
+            raise NativeTypeError(f"an array column cannot be written as {ch_type}")
+        raw_ends, total = _offsets(values.offsets, rows)
+        return raw_ends + _data(inner, values.values, total, True)
     dtype = fixed_dtype(ch_type)
     if dtype is not None:
         if len(values) != rows:
             raise ValueError(f"{len(values)} values for {rows} rows")
         return np.ascontiguousarray(values).astype(dtype, copy=False).view(np.uint8).tobytes()
-    inner = re.fullmatch(r"Array\((.+)\)", ch_type)
-    if inner and (dtype := fixed_dtype(inner.group(1))) is not None:
+    if ch_type == "IPv6":
+        raw = np.ascontiguousarray(values).view(np.uint8)
+        if raw.size != rows * 16:
+            raise ValueError(f"{raw.size} bytes for {rows} IPv6 addresses")
+        return raw.tobytes()
+    inner = _array_inner(ch_type)
+    if inner is not None and (dtype := fixed_dtype(inner)) is not None:
         flat = np.ascontiguousarray(values).reshape(rows, -1)  # one fixed-length array per row
         ends = np.arange(1, rows + 1, dtype="<u8") * np.uint64(flat.shape[1])
         return ends.tobytes() + flat.astype(dtype, copy=False).tobytes()
     raise NativeTypeError(f"no native writer for {ch_type}")
 
 
-def block(columns: list[tuple[str, str, np.ndarray | StringColumn]], rows: int) -> bytes:
+def column_bytes(ch_type: str, values: Values, rows: int) -> bytes:
+    """One column's Native data; raises NativeTypeError for a type it does not write."""
+    return _prefix(ch_type) + _data(ch_type, values, rows, False)
+
+
+def block(columns: list[tuple[str, str, Values]], rows: int) -> bytes:
     """A Native block of (name, ClickHouse type, values) columns, all of `rows` rows."""
     parts = [_leb128(len(columns)), _leb128(rows)]
     for name, ch_type, values in columns:

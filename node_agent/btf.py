@@ -133,6 +133,30 @@ class Btf:
                 out.append(Member(name, bit_offset // 8, self._size(type_id), self._kind(type_id)))
         return out
 
+    def member(self, struct_name: str, name: str) -> Member:
+        """One member of a struct by name, looked up through anonymous struct/union members
+        too (mm_struct's fields sit in an anonymous struct), with its offset from the
+        outer struct's start. BtfError if there is none."""
+        found = self._find_member(self._struct_id(struct_name), name, 0)
+        if found is None:
+            raise BtfError(f"struct {struct_name} has no member {name!r}")
+        return found
+
+    def _find_member(self, type_id: int, name: str, base_bits: int) -> Member | None:
+        for member_name, member_type, bit_offset, bits in self._raw_members(self._type(type_id)):
+            offset = base_bits + bit_offset
+            if member_name == name:
+                if bits or offset % 8:
+                    span = (offset % 8 + (bits or 8 * self._size(member_type)) + 7) // 8
+                    return Member(name, offset // 8, span, "bitfield")
+                return Member(name, offset // 8, self._size(member_type), self._kind(member_type))
+            inner_id, inner = self._resolve(member_type)
+            if not member_name and inner.kind in (_STRUCT, _UNION):
+                found = self._find_member(inner_id, name, offset)
+                if found is not None:
+                    return found
+        return None
+
     def struct_size(self, struct_name: str) -> int:
         """sizeof(struct struct_name)."""
         return self._type(self._struct_id(struct_name)).size_or_type

@@ -18,26 +18,80 @@ def boot_to_wall_offset_ns() -> int:
 
 
 def c_strings(chars: np.ndarray) -> np.ndarray:
-    """Fixed char[N] fields as 'S<N>' with everything after the first NUL zeroed.
+    """Fixed char[N] fields as 'S<M>' (M <= N: the longest string) with everything after
+    the first NUL zeroed.
 
     The ring buffer does not zero reserved records, so bytes after a C string's NUL can be
     leftovers of an older record; they must not reach the dictionary.
     """
-    width = chars.dtype.itemsize
-    raw = np.frombuffer(np.ascontiguousarray(chars).tobytes(), np.uint8).reshape(-1, width).copy()
-    is_nul = raw == 0
-    first_nul = np.where(is_nul.any(axis=1), np.argmax(is_nul, axis=1), width)
-    raw[np.arange(width) >= first_nul[:, None]] = 0
-    return raw.view(f"S{width}").ravel()
+    view = _bytes2d(chars)
+    first_nul = _first_nul(view)
+    # only the longest string's bytes are copied: the result is 'S<longest>', not 'S<N>',
+    # so the dictionary encoding downstream hashes and copies no padding
+    used = max(int(first_nul.max(initial=0)), 1)
+    raw = view[:, :used] * (np.arange(used) < first_nul[:, None])
+    return raw.view(f"S{used}").ravel()
 
 
 def argv_strings(args: np.ndarray, args_len: np.ndarray) -> np.ndarray:
-    """argv copied as NUL-separated bytes -> 'S<N>' joined by spaces, bounded by args_len."""
+    """argv copied as NUL-separated bytes -> 'S<M>' joined by spaces, bounded by args_len
+    (M <= N: the longest argv)."""
     width = args.dtype.itemsize
-    raw = np.frombuffer(np.ascontiguousarray(args).tobytes(), np.uint8).reshape(-1, width).copy()
-    col = np.arange(width)
-    used = np.minimum(args_len, width)[:, None]
-    raw[col >= used] = 0
+    used = np.minimum(args_len, width).astype(np.int64)[:, None]  # signed: used - 1 below
+    longest = max(int(used.max(initial=0)), 1)  # copy and scan only up to the longest argv
+    col = np.arange(longest)
+    raw = _bytes2d(args)[:, :longest] * (col < used)
     # NULs between arguments become spaces; the last argument's own NUL stays a terminator
-    raw[(col < used - 1) & (raw == 0)] = ord(" ")
-    return raw.view(f"S{width}").ravel()
+    raw |= ((col < used - 1) & (raw == 0)).view(np.uint8) * np.uint8(ord(" "))
+    return raw.view(f"S{longest}").ravel()
+
+
+def _bytes2d(chars: np.ndarray) -> np.ndarray:
+    """A fixed-width bytes array ('S<N>', e.g. a field of the records, strided) as an
+    (rows, N) uint8 view of the same memory: no copy."""
+    return chars[:, None].view(np.uint8)
+
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGHS = np.uint64(0x8080808080808080)
+
+
+def _first_nul(view: np.ndarray) -> np.ndarray:
+    """Index of each row's first NUL byte (the width if none), 8 bytes at a time, stopping
+    once every row has one: a C string costs its length, not its field's width.
+
+    (w - 0x01..01) & ~w & 0x80..80 flags the zero bytes of a little-endian word w; bytes
+    above a zero byte may be flagged too (borrow), the lowest flag is always exact.
+    """
+    rows, width = view.shape
+    first = np.full(rows, width, np.int64)
+    pending = np.ones(rows, bool)
+    for j in range(0, width, 8):
+        if j + 8 <= width:
+            word = view[:, j : j + 8].view("<u8")[:, 0]
+        else:  # a partial last word, padded with non-NUL bytes
+            tail = np.ones((rows, 8), np.uint8)
+            tail[:, : width - j] = view[:, j:]
+            word = tail.view("<u8")[:, 0]
+        flags = (word - _ONES) & ~word & _HIGHS
+        hit = pending & (flags != 0)
+        if hit.any():
+            f = flags[hit]
+            lowest = f & (~f + np.uint64(1))
+            first[hit] = j + (np.bitwise_count(lowest - np.uint64(1)) >> 3)
+            pending &= ~hit
+            if not pending.any():
+                break
+    return first
+
+
+def coded_strings(codes: np.ndarray, names: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Small integer codes and their names ('S<n>' table indexed by code) -> a pre-encoded
+    StringColumn (data, offsets, index) holding only the names present. A bincount instead
+    of encode_strings' sort of the strings: O(rows), with Python work per distinct code."""
+    codes = np.minimum(codes, len(names) - 1).astype(np.intp)
+    present = np.bincount(codes, minlength=len(names)) > 0
+    used = names[present]
+    lengths = np.char.str_len(used).astype("<u4")
+    index = (np.cumsum(present) - 1).astype("<u4")[codes]
+    return b"".join(used.tolist()), np.cumsum(lengths, dtype="<u4"), index

@@ -19,7 +19,7 @@ from typing import Self
 from node_agent.btf import Btf, BtfError
 from node_agent.errors import ProbeAttachError, ProbeLoadError
 
-__all__ = ["BpfObject", "Link", "num_possible_cpus"]
+__all__ = ["BpfObject", "Link", "create_map", "map_lookup", "map_update", "num_possible_cpus"]
 
 _LIBBPF_NAME = "libbpf.so.1"
 
@@ -69,6 +69,7 @@ def _libbpf() -> ctypes.CDLL:
     _fn(lib, "bpf_link__destroy", i, vp)
     _fn(lib, "bpf_map_lookup_elem", i, i, vp, vp)
     _fn(lib, "bpf_map_update_elem", i, i, vp, vp, ctypes.c_uint64)
+    _fn(lib, "bpf_map_create", i, i, cp, u32, u32, u32, vp)
     _fn(lib, "libbpf_num_possible_cpus", i)
     _fn(lib, "libbpf_set_print", vp, _PRINT_FN)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -84,6 +85,30 @@ def num_possible_cpus() -> int:
     if n <= 0:
         raise OSError(-n, "libbpf_num_possible_cpus failed")
     return n
+
+
+def create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """bpf_map_create: a new map's fd (the caller closes it). OSError with the errno."""
+    fd = int(_libbpf().bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries, None))
+    if fd < 0:
+        raise OSError(_err(fd), f"creating map {name!r} failed")
+    return fd
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes:
+    """bpf_map_lookup_elem on a map fd; per-CPU maps return one slot per possible CPU."""
+    buf = ctypes.create_string_buffer(value_size)
+    ret = _libbpf().bpf_map_lookup_elem(fd, key, buf)
+    if ret:
+        raise OSError(_err(ret), f"lookup in map fd {fd} failed")
+    return buf.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    """bpf_map_update_elem(BPF_ANY) on a map fd."""
+    ret = _libbpf().bpf_map_update_elem(fd, key, value, 0)
+    if ret:
+        raise OSError(_err(ret), f"update of map fd {fd} failed")
 
 
 def _err(ret: int) -> int:

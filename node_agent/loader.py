@@ -20,6 +20,7 @@ import numpy as np
 
 from node_agent.btf import BtfError
 from node_agent.errors import ProbeAttachError, ProbeConfigError, ProbeError, ProbeLoadError
+from node_agent.histogram import HIST_STRUCT, HistogramReader
 from node_agent.libbpf import BpfObject, Link, num_possible_cpus
 from node_agent.probes import Probe, ProbeSettings, get_probe
 from node_agent.ringbuf import RingBuffer
@@ -40,12 +41,14 @@ class LoadedProbe:
         obj: BpfObject,
         links: Mapping[str, Link],
         rings: Mapping[str, RingBuffer],
+        histograms: HistogramReader | None = None,
     ) -> None:
         """Use load_probe()."""
         self.probe = probe
         self.obj = obj
         self.links = dict(links)  # hook name -> attached link
         self.rings = dict(rings)  # stream name -> ring reader
+        self.histograms = histograms  # the in-kernel histogram streams, if any
         self._stats_dtype = obj.btf.struct_dtype(STATS_STRUCT)
         self._ncpus = num_possible_cpus()
         self._closed = False
@@ -65,12 +68,14 @@ class LoadedProbe:
         size = self._stats_dtype.itemsize
         slot = (size + 7) & ~7  # per-CPU values come back 8-byte aligned, one per CPU
         out = {}
-        for stream in self.probe.streams:
-            key = stream.stats_index.to_bytes(4, "little")
+        streams = [(s.name, s.stats_index) for s in self.probe.streams]
+        streams += [(h.name, h.stats_index) for h in self.probe.histograms]
+        for name, index in streams:
+            key = index.to_bytes(4, "little")
             raw = self.obj.lookup(self.probe.stats_map, key, slot * self._ncpus)
             cells = np.frombuffer(raw, np.uint8).reshape(self._ncpus, slot)[:, :size]
             per_cpu = np.ascontiguousarray(cells).view(self._stats_dtype).ravel()
-            out[stream.name] = {f: int(per_cpu[f].sum()) for f in ("emitted", "dropped")}
+            out[name] = {f: int(per_cpu[f].sum()) for f in ("emitted", "dropped")}
         return out
 
     def detach(self) -> None:
@@ -121,6 +126,7 @@ def load_probe(
     if ring_bytes < mmap.PAGESIZE or ring_bytes & (ring_bytes - 1):
         raise ProbeConfigError(f"ring_bytes: {ring_bytes} must be a power of 2 and >= {mmap.PAGESIZE}")
     knobs = dict(probe.rodata(settings))
+    map_sizes = dict(probe.map_sizes(settings)) if probe.map_sizes else {}
     if settings.filter_pid:
         knobs["targ_tgid"] = settings.filter_pid
     if settings.filter_cgroup:
@@ -133,6 +139,8 @@ def load_probe(
         if settings.filter_cgroup:
             cgroup_fd = _open_cgroup(settings.filter_cgroup)
         dtypes = _configure(probe, obj, knobs, ring_bytes, rodata or {})
+        for map_name, entries in map_sizes.items():
+            obj.set_max_entries(map_name, entries)
         obj.load()
         if cgroup_fd is not None:
             # the kernel takes its own reference to the cgroup; our fd can go
@@ -141,7 +149,8 @@ def load_probe(
         for stream in probe.streams:
             fd = obj.map_fd(stream.ring_map)
             rings[stream.name] = RingBuffer(fd, ring_bytes, dtypes[stream.name])
-        return LoadedProbe(probe, obj, links, rings)
+        histograms = HistogramReader(obj, probe.histograms) if probe.histograms else None
+        return LoadedProbe(probe, obj, links, rings, histograms)
     except BaseException:
         for ring in rings.values():
             ring.close()
@@ -176,7 +185,7 @@ def cgroup2_mount() -> Path:
 def _configure(
     probe: Probe,
     obj: BpfObject,
-    knobs: dict[str, int],
+    knobs: dict[str, int | bytes],
     ring_bytes: int,
     overrides: Mapping[str, int],
 ) -> dict[str, np.dtype]:
@@ -184,6 +193,9 @@ def _configure(
     try:
         dtypes = {s.name: obj.btf.struct_dtype(s.struct) for s in probe.streams}
         obj.btf.struct_dtype(STATS_STRUCT)
+        for h in probe.histograms:  # their row layout comes from BTF too
+            obj.btf.struct_dtype(h.key)
+            obj.btf.struct_dtype(HIST_STRUCT)
     except BtfError as e:
         raise ProbeLoadError(probe.name, errno.ENOEXEC, str(e), what="read btf of") from None
     try:
@@ -210,7 +222,8 @@ def _configure(
 
 
 def _attach(probe: Probe, obj: BpfObject) -> dict[str, Link]:
-    """Attach, per hook, the first program that attaches; undo all on failure."""
+    """Attach, per hook, the first program that attaches (an optional hook may have none);
+    undo all on failure."""
     links: dict[str, Link] = {}
     try:
         for hook in probe.hooks:
@@ -222,6 +235,8 @@ def _attach(probe: Probe, obj: BpfObject) -> dict[str, Link]:
                 except ProbeAttachError as e:
                     failures.append(e)
             else:
+                if hook.optional:
+                    continue  # e.g. a syscall this kernel lacks; the probe runs without it
                 raise ProbeAttachError(
                     probe.name,
                     " or ".join(hook.programs),

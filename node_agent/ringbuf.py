@@ -46,7 +46,8 @@ class RingBuffer:
         self._record = np.dtype(
             {
                 "names": ["len", "pg_off", "payload"],
-                "formats": ["<u4", "<u4", self.dtype],
+                # the payload as opaque bytes: copied with memcpy, not field by field
+                "formats": ["<u4", "<u4", np.dtype((np.void, self.dtype.itemsize))],
                 "offsets": [0, 4, _HDR_SIZE],
                 "itemsize": self.stride,
             }
@@ -108,7 +109,9 @@ class RingBuffer:
                 f"ring fd {self.map_fd}: record length is not {self.dtype.itemsize} bytes: "
                 "the dtype does not match the probe object (rebuild with `make -C bpf`)"
             )
-        out = records["payload"].copy() if keep.all() else records["payload"][keep]
+        payload = records["payload"] if keep.all() else records["payload"][keep]
+        out = np.empty(len(payload), self.dtype)  # owns its memory: nothing refers to the ring
+        out.view(payload.dtype)[:] = payload
         del records
         self._cons_pos[0] = cons + n * self.stride
         return out

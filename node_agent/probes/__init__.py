@@ -15,7 +15,17 @@ from typing import Protocol
 
 from node_agent.columns import ColumnBuilder
 
-__all__ = ["Hook", "Probe", "ProbeSettings", "Stream", "all_probes", "get_probe"]
+__all__ = [
+    "BccVariant",
+    "Histogram",
+    "Hook",
+    "KernelField",
+    "Probe",
+    "ProbeSettings",
+    "Stream",
+    "all_probes",
+    "get_probe",
+]
 
 
 class ProbeSettings(Protocol):
@@ -42,8 +52,33 @@ class ProbeSettings(Protocol):
         ...
 
     @property
+    def loader(self) -> str:
+        """How probes are loaded: "auto", "libbpf" or "bcc" (node_agent.bcc_loader)."""
+        ...
+
+    @property
     def args_max(self) -> int:
         """Bytes of argv copied per exec (process probe)."""
+        ...
+
+    @property
+    def histogram_max_keys(self) -> int:
+        """Keys per interval of each in-kernel histogram map (the *_latency probes)."""
+        ...
+
+    @property
+    def file_open_prefixes(self) -> tuple[str, ...]:
+        """Successful opens under these path prefixes are recorded (file_open probe)."""
+        ...
+
+    @property
+    def file_open_all(self) -> bool:
+        """Record every open, not only failures and prefixes (file_open probe)."""
+        ...
+
+    @property
+    def tcp_max_connections(self) -> int:
+        """Connection ends tracked at once; more are counted as drops (tcp_connections probe)."""
         ...
 
 
@@ -59,6 +94,20 @@ class Stream:
 
 
 @dataclass(frozen=True, slots=True)
+class Histogram:
+    """A stream of in-kernel log2 histograms (bpf/histogram.bpf.h) instead of a ring buffer:
+    two generations of a per-CPU hash map of struct hist, read every histogram_interval
+    (node_agent.histogram). A row is one key's histogram for one interval."""
+
+    name: str  # e.g. "syscall_latency": topic, table and batch stream name
+    maps: tuple[str, str]  # the BPF_MAP_TYPE_PERCPU_HASH of generation 0 and of generation 1
+    key: str  # key struct in the object's BTF, e.g. "syscall_latency_key"
+    stats_index: int  # slot of this stream in the probe's per-CPU stats array
+    # rows (the key's fields, time_ns, interval_ns, count, sum_ns, buckets) -> columns
+    columns: ColumnBuilder
+
+
+@dataclass(frozen=True, slots=True)
 class Hook:
     """One kernel hook and the programs that can serve it, the preferred one first.
 
@@ -68,6 +117,34 @@ class Hook:
 
     name: str  # "sched/sched_process_exec", for messages
     programs: tuple[str, ...]
+    # a hook that may be missing without disabling the probe: e.g. a classic tracepoint that
+    # only serves when its required twin attached classically, or a syscall this kernel or
+    # architecture lacks (openat2 before 5.6, open/creat on arm64)
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KernelField:
+    """A kernel struct field that a bcc program reads at an offset, FS_OFF_<struct>__<field>:
+    taken from the kernel's BTF by the bcc loader (the relocation CO-RE does), or from the
+    kernel's headers by the program itself when the kernel has no BTF."""
+
+    struct: str  # "task_struct"
+    field: str  # "real_parent"; found inside anonymous struct/union members too
+    size: int  # bytes the program reads; a kernel whose field differs is refused
+    optional: bool = False  # absent on some kernels: the program tests #ifdef FS_OFF_...
+
+
+@dataclass(frozen=True, slots=True)
+class BccVariant:
+    """How the bcc fallback loader runs a probe: its bcc source and the kernel fields it reads.
+
+    The source defines one function per hook program, named like the program (classic
+    tracepoints as tp__<category>__<event>), and uses the maps the loader creates.
+    """
+
+    source: str  # file in the object directory, e.g. "process.bcc.c"
+    kernel_fields: tuple[KernelField, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +156,14 @@ class Probe:
     streams: tuple[Stream, ...]
     hooks: tuple[Hook, ...]
     stats_map: str  # BPF_MAP_TYPE_PERCPU_ARRAY of struct stream_stats
-    rodata: Callable[[ProbeSettings], Mapping[str, int]]  # const volatile knobs
+    rodata: Callable[[ProbeSettings], Mapping[str, int | bytes]]  # const volatile knobs
+    # the bcc fallback (node_agent.bcc_loader): how, or why not (one line, e.g. "reads struct
+    # sock through tp_btf arguments, which bcc cannot attach")
+    bcc: BccVariant | None = None
+    bcc_unavailable: str = ""
+    histograms: tuple[Histogram, ...] = ()  # streams read from in-kernel histogram maps
+    # max_entries of other maps, set from the settings before load (e.g. a per-socket table)
+    map_sizes: Callable[[ProbeSettings], Mapping[str, int]] | None = None
 
 
 def all_probes() -> dict[str, Probe]:

@@ -8,7 +8,7 @@ import numpy as np
 
 from node_agent.columns import argv_strings, c_strings
 from node_agent.errors import ProbeConfigError
-from node_agent.probes import Hook, Probe, ProbeSettings, Stream
+from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["ARGS_MAX", "PROBE"]
 
@@ -73,4 +73,19 @@ PROBE = Probe(
     ),
     stats_map="process_stats",
     rodata=rodata,
+    bcc=BccVariant(
+        "process.bcc.c",
+        (
+            KernelField("task_struct", "real_parent", 8),
+            KernelField("task_struct", "tgid", 4),
+            KernelField("task_struct", "mm", 8),
+            KernelField("task_struct", "signal", 8),
+            KernelField("task_struct", "exit_code", 4),
+            KernelField("task_struct", "start_boottime", 8),
+            KernelField("mm_struct", "arg_start", 8),
+            KernelField("mm_struct", "arg_end", 8),
+            KernelField("linux_binprm", "filename", 8),
+            KernelField("signal_struct", "group_exec_task", 8, optional=True),  # 5.16+
+        ),
+    ),
 )

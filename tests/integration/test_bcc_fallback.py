@@ -1,0 +1,353 @@
+"""The bcc fallback loader in the running kernel: the process probe loaded through bcc and
+through libbpf at the same time sees the same processes as identical rows; record layouts
+match; probes it cannot run and kernels it cannot serve are reported with the reason;
+`fleetscope run --loader bcc` stores the rows; `--check` reports every probe and loader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleetscope.config import AgentOptions
+from node_agent.bcc_loader import BccProbe, BccUnavailable, import_bcc, load_probe_bcc, load_selected
+from node_agent.btf import Btf
+from node_agent.check import check
+from node_agent.errors import ProbeConfigError
+from node_agent.loader import LoadedProbe, load_probe
+from node_agent.probes import Hook, KernelField, get_probe
+from node_agent.probes.process import PROBE, exec_columns, exit_columns
+from tests.integration.test_pipeline import assert_marker_rows
+from tests.support.procs import FleetscopeProcess, spawn_markers
+from tests.support.real import require_real
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+# what both loaders must agree on (time and duration differ by the programs' run order)
+EXEC_FIELDS = ("pid", "ppid", "uid", "cgroup_id", "comm", "filename", "args", "args_len", "argc", "flags")
+EXIT_FIELDS = ("pid", "ppid", "cgroup_id", "comm", "exit_code", "signal")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The agent settings the loaders read (fleetscope.config.AgentOptions in the agent)."""
+
+    bpf_dir: Path
+    loader: str = "bcc"
+    ring_bytes: int = 8 << 20
+    args_max: int = 1024
+    filter_pid: int = 0
+    filter_cgroup: str = ""
+
+
+@pytest.fixture(scope="module")
+def bcc_ready(bpf_objects: Path) -> Path:
+    """bpf/ built, and bcc importable (Debian's python3-bpfcc, installed by `make test`)."""
+    try:
+        import_bcc()
+    except (ImportError, OSError) as e:
+        require_real(f"bcc fallback: {e}")
+    return bpf_objects
+
+
+def rows(records: np.ndarray, fields: tuple[str, ...], pids: set[int]) -> list[tuple[object, ...]]:
+    """The given fields of the records of pids, as sorted plain tuples."""
+    mine = records[np.isin(records["pid"], list(pids))]
+    return sorted(tuple(r[f].item() for f in fields) for r in mine)
+
+
+def spawn_mix(marker: str, tmp_path: Path) -> dict[int, tuple[list[bytes], int, int]]:
+    """Marker processes covering the fields: exit codes, a signal, threads, long argv and a
+    path that fills filename[]; pid -> (argv, exit code, signal)."""
+    out: dict[int, tuple[list[bytes], int, int]] = {}
+    for i in range(60):
+        argv = [b"/bin/sh", b"-c", f"exit {i * 5 % 256}".encode(), f"{marker}-{i}".encode(), b"a" * (i * 7)]
+        p = subprocess.Popen(argv)
+        assert p.wait() == i * 5 % 256
+        out[p.pid] = (argv, i * 5 % 256, 0)
+    killed = subprocess.Popen(["/bin/sleep", "30"])
+    time.sleep(0.05)
+    killed.kill()
+    assert killed.wait() == -signal.SIGKILL
+    out[killed.pid] = ([b"/bin/sleep", b"30"], 0, signal.SIGKILL)
+    code = "import threading\n[t.start() or t.join() for t in [threading.Thread(target=int)] * 1]\nraise SystemExit(9)"
+    threads = subprocess.Popen([sys.executable, "-c", code, marker])
+    assert threads.wait() == 9
+    out[threads.pid] = ([sys.executable.encode(), b"-c", code.encode(), marker.encode()], 9, 0)
+    long = subprocess.Popen(["/bin/true", marker, "L" * 3000])
+    assert long.wait() == 0
+    out[long.pid] = ([b"/bin/true", marker.encode(), b"L" * 3000], 0, 0)
+    deep = tmp_path / ("d" * 200) / ("e" * 100)
+    deep.parent.mkdir(parents=True)
+    deep.symlink_to("/bin/true")
+    cut = subprocess.Popen([str(deep), marker])
+    assert cut.wait() == 0
+    out[cut.pid] = ([str(deep).encode(), marker.encode()], 0, 0)
+    return out
+
+
+@pytest.fixture
+def both(bcc_ready: Path) -> Iterator[tuple[LoadedProbe, BccProbe]]:
+    """The process probe loaded through libbpf and through bcc at once, rings empty."""
+    settings = Settings(bpf_dir=bcc_ready)
+    with load_probe("process", settings) as libbpf, load_probe_bcc("process", settings) as bcc:
+        for p in (libbpf, bcc):
+            for ring in p.rings.values():
+                ring.drain()
+        yield libbpf, bcc
+
+
+def test_both_loaders_give_identical_rows(both: tuple[LoadedProbe, BccProbe], tmp_path: Path) -> None:
+    libbpf, bcc = both
+    assert bcc.attached.keys() == libbpf.attached.keys()
+    for stream in ("process_exec", "process_exit"):
+        assert bcc.rings[stream].dtype == libbpf.rings[stream].dtype  # one layout, from the object's BTF
+    expected = spawn_mix(uuid.uuid4().hex[:10], tmp_path)
+    pids = set(expected)
+    got = {
+        name: {stream: ring.drain() for stream, ring in p.rings.items()}
+        for name, p in (("libbpf", libbpf), ("bcc", bcc))
+    }
+    ex_l, ex_b = got["libbpf"]["process_exec"], got["bcc"]["process_exec"]
+    xt_l, xt_b = got["libbpf"]["process_exit"], got["bcc"]["process_exit"]
+    assert rows(ex_b, EXEC_FIELDS, pids) == rows(ex_l, EXEC_FIELDS, pids)
+    assert rows(xt_b, EXIT_FIELDS, pids) == rows(xt_l, EXIT_FIELDS, pids)
+
+    # and they are right, not just equal
+    by_pid = {int(r["pid"]): r for r in ex_b[np.isin(ex_b["pid"], list(pids))]}
+    exit_by_pid = {int(r["pid"]): r for r in xt_b[np.isin(xt_b["pid"], list(pids))]}
+    assert sorted(by_pid) == sorted(exit_by_pid) == sorted(pids)
+    for pid, (argv, code, sig) in expected.items():
+        e, x = by_pid[pid], exit_by_pid[pid]
+        raw = b"\0".join(argv) + b"\0"
+        assert e["ppid"] == x["ppid"] == os.getpid() and e["uid"] == 0
+        assert e["filename"] == argv[0][:255] and bool(e["flags"] & 2) == (len(argv[0]) > 255)
+        assert e["args"] == raw[:1024].rstrip(b"\0") and bool(e["flags"] & 1) == (len(raw) > 1024)
+        assert e["argc"] == raw[:1024].count(b"\0") + (len(raw) > 1024)
+        assert (x["exit_code"], x["signal"]) == (code, sig)
+        assert x["duration_ns"] > 0 and x["time_ns"] >= e["time_ns"]
+
+    # the columns the batches carry are the same too (time aside)
+    for build, a, b in ((exec_columns, ex_l, ex_b), (exit_columns, xt_l, xt_b)):
+        a = np.sort(a[np.isin(a["pid"], list(pids))], order="pid")
+        b = np.sort(b[np.isin(b["pid"], list(pids))], order="pid")
+        ca, cb = build(a, 0), build(b, 0)
+        for column in ca.keys() - {"time", "duration_ns"}:
+            assert np.array_equal(ca[column], cb[column]), column
+
+    for p in (libbpf, bcc):
+        stats = p.stats()
+        assert all(s["dropped"] == 0 and s["emitted"] >= len(pids) for s in stats.values())
+
+
+def test_bcc_counts_drops_and_filters(bcc_ready: Path) -> None:
+    with load_probe_bcc("process", Settings(bpf_dir=bcc_ready, ring_bytes=4096)) as probe:
+        read = {stream: len(ring.drain()) for stream, ring in probe.rings.items()}
+        burst = [subprocess.Popen(["/bin/true", str(i)]) for i in range(30)]
+        assert all(p.wait() == 0 for p in burst)
+        probe.detach()
+        assert probe.attached == {}
+        time.sleep(0.1)
+        for stream, ring in probe.rings.items():
+            read[stream] += len(ring.drain())
+        after = probe.stats()
+    assert after["process_exec"]["dropped"] > 0  # a 4 KiB ring holds 3 exec records
+    for stream, c in after.items():
+        assert c["emitted"] == read[stream] + c["dropped"], stream
+
+    target = subprocess.Popen(["/bin/sh", "-c", "read l; exec /bin/true only-me"], stdin=subprocess.PIPE)
+    try:
+        with load_probe_bcc("process", Settings(bpf_dir=bcc_ready, filter_pid=target.pid)) as probe:
+            assert subprocess.call(["/bin/true", "not-me"]) == 0
+            assert target.stdin is not None
+            target.stdin.write(b"\n")
+            target.stdin.close()
+            assert target.wait() == 0
+            execs = probe.rings["process_exec"].drain()
+    finally:
+        target.kill()
+        target.wait()
+    assert execs["pid"].tolist() == [target.pid] and execs["args"][0] == b"/bin/true\0only-me"
+
+
+async def test_bcc_forced_wakeup_wakes_the_event_loop(bcc_ready: Path) -> None:
+    """wakeup_bytes reaches the bcc program as a macro: at 1 byte every record wakes the reader."""
+    settings = Settings(bpf_dir=bcc_ready, ring_bytes=1 << 16)
+    with load_probe_bcc("process", settings, rodata={"wakeup_bytes": 1}) as probe:
+        ring = probe.rings["process_exit"]
+        ring.drain()
+        loop = asyncio.get_running_loop()
+        woke = asyncio.Event()
+        loop.add_reader(ring.fileno(), woke.set)
+        try:
+            proc = await asyncio.create_subprocess_exec("/bin/true")
+            assert await proc.wait() == 0
+            await asyncio.wait_for(woke.wait(), 5)
+        finally:
+            loop.remove_reader(ring.fileno())
+        assert proc.pid in set(ring.drain()["pid"].tolist())
+
+
+def test_classic_tracepoints_through_bcc_in_a_private_tracefs(bcc_ready: Path, tmp_path: Path) -> None:
+    """bcc builds a classic tracepoint's argument struct from tracefs, mounted here in a
+    private mount namespace (the host's mounts stay untouched); both loaders then attach
+    the tracepoint programs and agree."""
+    if shutil.which("unshare") is None:
+        require_real("bcc fallback: `unshare` (util-linux) is needed for a private tracefs")
+    script = tmp_path / "tp.py"
+    script.write_text(
+        "import json, subprocess\n"
+        "from pathlib import Path\n"
+        "from tests.integration.test_bcc_fallback import Settings\n"
+        "from node_agent.bcc_loader import load_probe_bcc\n"
+        "from node_agent.loader import load_probe\n"
+        f"s = Settings(bpf_dir=Path({str(bcc_ready)!r}), ring_bytes=1 << 20)\n"
+        "with load_probe('process', s) as a, load_probe_bcc('process', s) as b:\n"
+        "    child = subprocess.Popen(['/bin/sh', '-c', 'exit 3', 'tp-marker'])\n"
+        "    child.wait()\n"
+        "    out = {}\n"
+        "    for name, p in (('libbpf', a), ('bcc', b)):\n"
+        "        ex, xt = p.rings['process_exec'].drain(), p.rings['process_exit'].drain()\n"
+        "        e, x = ex[ex['pid'] == child.pid][0], xt[xt['pid'] == child.pid][0]\n"
+        "        out[name] = {'attached': p.attached, 'filename': e['filename'].decode(),\n"
+        "                     'args': e['args'].decode(), 'code': int(x['exit_code'])}\n"
+        "print(json.dumps(out))\n"
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tracefs tracefs /sys/kernel/tracing && exec {sys.executable} {script}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
+        require_real(f"bcc fallback: cannot mount a private tracefs: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert (
+        result["bcc"]
+        == result["libbpf"]
+        == {
+            "attached": {
+                "sched/sched_process_exec": "tracepoint__sched__sched_process_exec",
+                "sched/sched_process_exit": "tracepoint__sched__sched_process_exit",
+            },
+            "filename": "/bin/sh",  # through the tracepoint's __data_loc
+            "args": "/bin/sh\0-c\0exit 3\0tp-marker",
+            "code": 3,
+        }
+    )
+
+
+def test_layout_mismatch_and_missing_pieces_are_reported(bcc_ready: Path, tmp_path: Path) -> None:
+    settings = Settings(bpf_dir=bcc_ready)
+    # a record field moved in the bcc source: the compile refuses, naming the field
+    moved = tmp_path / "bpf"
+    shutil.copytree(bcc_ready, moved, ignore=shutil.ignore_patterns("*.bcc.c", "vmlinux.h"))
+    header = (moved / "process.h").read_text()
+    uid, args_len = "\t__u32 uid;\n", "\t__u32 args_len; /* bytes of argv in args[] */\n"
+    assert uid + args_len in header
+    (moved / "process.h").write_text(header.replace(uid + args_len, args_len + uid))
+    shutil.copy(bcc_ready / "process.bcc.c", moved)
+    with pytest.raises(BccUnavailable) as caught:
+        load_probe_bcc("process", Settings(bpf_dir=moved))
+    assert "process_exec_event.uid offset" in caught.value.log and "could not compile" in caught.value.reason
+
+    # a kernel field that does not exist: refused before compiling, with the field
+    broken = get_probe("process")
+    fields = (*(broken.bcc.kernel_fields if broken.bcc else ()), KernelField("task_struct", "no_such_field", 8))
+    bad = dataclasses.replace(broken, bcc=dataclasses.replace(broken.bcc, kernel_fields=fields))
+    with pytest.raises(BccUnavailable, match="task_struct has no member 'no_such_field'"):
+        load_probe_bcc(bad, settings)
+    wrong = KernelField("task_struct", "tgid", 8)
+    bad = dataclasses.replace(broken, bcc=dataclasses.replace(broken.bcc, kernel_fields=(wrong,)))
+    with pytest.raises(BccUnavailable, match=r"task_struct.tgid is 4 bytes"):
+        load_probe_bcc(bad, settings)
+
+    # a hook whose programs bcc cannot attach: tp_btf
+    tp_btf = dataclasses.replace(broken, hooks=(Hook("sched/sched_switch", ("tp_btf__sched_switch",)),))
+    with pytest.raises(Exception, match="classic and raw tracepoints only"):
+        load_probe_bcc(tp_btf, settings)
+
+    # a probe without a bcc variant, and a knob the probe does not have
+    nobcc = dataclasses.replace(broken, bcc=None, bcc_unavailable="needs tp_btf for struct sock")
+    with pytest.raises(BccUnavailable, match="unavailable: needs tp_btf for struct sock"):
+        load_probe_bcc(nobcc, settings)
+    with pytest.raises(ProbeConfigError, match="no knob 'nope'"):
+        load_probe_bcc("process", settings, rodata={"nope": 1})
+
+
+def test_without_kernel_btf_the_kernels_own_headers_are_required(bcc_ready: Path) -> None:
+    """Offsets from headers (as on a kernel without BTF): this machine has none for its
+    kernel, which is what such a node is told."""
+    release = os.uname().release
+    if Path(f"/lib/modules/{release}/build/include/linux/kconfig.h").exists():
+        pytest.skip("this machine has kernel headers: the no-headers message cannot be shown")
+    with pytest.raises(BccUnavailable) as caught:
+        load_probe_bcc("process", Settings(bpf_dir=bcc_ready), kernel_btf=None)
+    assert f"no kernel headers for {release}" in caught.value.reason
+    assert "linux-headers-$(uname -r)" in str(caught.value)
+
+
+def test_loader_setting_selects(bcc_ready: Path) -> None:
+    with load_selected("process", Settings(bpf_dir=bcc_ready, loader="bcc", ring_bytes=1 << 16)) as p:
+        assert isinstance(p, BccProbe)
+    with load_selected("process", Settings(bpf_dir=bcc_ready, loader="auto", ring_bytes=1 << 16)) as p:
+        assert isinstance(p, LoadedProbe)  # this kernel has BTF
+
+
+def test_check_reports_every_probe_and_loader(bcc_ready: Path) -> None:
+    lines, code = check(AgentOptions(bpf_dir=bcc_ready, loader="bcc"), ["process"])
+    assert lines[0].startswith(f"kernel {os.uname().release} ") and "btf yes" in lines[0]
+    assert lines[1].startswith("loader bcc: bcc")
+    assert [line.split()[:3] for line in lines[2:]] == [["process", "libbpf", "ok:"], ["process", "bcc", "ok:"]]
+    assert code == 0
+    lines, _ = check(AgentOptions(bpf_dir=bcc_ready))
+    names = {line.split()[0] for line in lines[2:]}
+    assert len(lines) - 2 == 2 * len(names)  # one line per probe and loader
+    for line in lines[2:]:
+        name, loader, verdict = line.split(maxsplit=2)
+        probe = get_probe(name)
+        if loader == "bcc" and probe.bcc is None:
+            assert verdict.startswith("unavailable: ") and len(verdict) > len("unavailable: ")
+
+
+def test_run_stores_rows_through_bcc(bcc_ready: Path, tmp_path: Path) -> None:
+    """The whole path with --loader bcc: kernel -> bcc programs -> rings -> batches -> ClickHouse."""
+    data_dir = tmp_path / "store"
+    run = FleetscopeProcess(
+        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bcc_ready), "--loader", "bcc",
+        "--status", "log", "--status-interval", "1s", log=tmp_path / "run.log",
+    )  # fmt: skip
+    with run:
+        run.wait_for_log("probe process running (bcc)", 120)
+        marker = f"fsbcc-{uuid.uuid4().hex[:12]}"
+        expected = spawn_markers(500, marker)
+        run.stop(signal.SIGINT)
+    assert run.returncode == 0, run.log_text()
+    assert_marker_rows(data_dir, marker, expected)
+
+
+def test_nested_member_offsets_from_kernel_btf() -> None:
+    """mm_struct's fields live in an anonymous struct: Btf.member finds them."""
+    vmlinux = Path("/sys/kernel/btf/vmlinux")
+    if not vmlinux.exists():
+        require_real("no kernel BTF")
+    btf = Btf.from_file(vmlinux)
+    start, end = btf.member("mm_struct", "arg_start"), btf.member("mm_struct", "arg_end")
+    assert (start.size, end.size, end.offset - start.offset) == (8, 8, 8)
+    assert btf.member("task_struct", "tgid").size == 4
+    assert PROBE.bcc is not None and all(f.struct and f.field for f in PROBE.bcc.kernel_fields)
