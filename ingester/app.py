@@ -18,10 +18,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from fleetscope.codec import SCHEMA_MAJOR, SCHEMAS, BatchDecodeError
 from fleetscope.config import IngestSettings
-from fleetscope.retry import Backoff
-from fleetscope.store import connect, first_line, mask_dsn, migrate
+from fleetscope.otel import NO_TRACE, BatchTrace, PipelineTracer
+from fleetscope.retry import Backoff, first_line
+from fleetscope.store import connect, mask_dsn, migrate
+from ingester.enrich import Enricher
 from ingester.load import BatchLoader, Loaded
 from ingester.stats import IngestStats
+from ingester.traces import SpanWriter, span_writer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,12 @@ class Ingester:
         self._producer: AIOKafkaProducer | None = None
         self._loader: BatchLoader | None = None
         self._topics = {topic_for(settings.topic_prefix, s): s for s in SCHEMAS}
+        self.enricher = Enricher(settings)  # Kubernetes identity of the rows (k8s_api)
+        # self-tracing (None without OTLP) and the kernel-derived spans (None with spans off)
+        self.tracer = PipelineTracer.from_settings("fleetscope-ingester", settings.otlp_protocol,
+                                                   settings.trace_sample_ratio)  # fmt: skip
+        self.spans: SpanWriter | None = None
+        self._traces: list[BatchTrace] = []  # sampled batches loaded but not yet committed
 
     async def __aenter__(self) -> Ingester:
         await self.start()
@@ -75,11 +84,14 @@ class Ingester:
 
     async def start(self) -> None:
         s = self.settings
+        await self.enricher.start()  # a bad kubeconfig is a ConfigError; an unreachable API is retried
 
         async def open_store() -> None:
             client = await asyncio.to_thread(connect, s.clickhouse)
             await asyncio.to_thread(migrate, client)
             self._loader = BatchLoader(client)
+            if s.spans and self.spans is None:
+                self.spans = span_writer(self._loader, s, s)
 
         if not await self._retry("clickhouse", open_store):
             return
@@ -139,7 +151,9 @@ class Ingester:
         assert self._consumer is not None
         for rec in records:
             if not await self._load_record(rec):
+                self._end_traces("stopped before the commit")
                 return False
+        started, error = time.time_ns(), ""
         try:
             await self._consumer.commit({tp: records[-1].offset + 1})
             self.counters["commits"] += 1
@@ -147,24 +161,54 @@ class Ingester:
             # A rebalance took the partition; its new owner gets the batches again and
             # ClickHouse deduplicates them on the batch id.
             log.warning("commit of %s failed (%s); the batches will be redelivered", tp, first_line(e))
+            error = f"commit failed: {first_line(e)}"
+        for trace in self._traces:  # one commit covers every batch of the partition's poll
+            trace.record("commit", started, time.time_ns(), **{"messaging.kafka.offset": records[-1].offset})
+        self._end_traces(error)
         return True
+
+    def _end_traces(self, error: str = "") -> None:
+        for trace in self._traces:
+            trace.end(error)
+        self._traces.clear()
 
     async def _load_record(self, rec: ConsumerRecord) -> bool:
         """Load one batch, retrying ClickHouse until it acknowledges; False if stopped."""
         assert self._loader is not None
         stream = self._topics.get(rec.topic, "")
+        trace = NO_TRACE
+        if self.tracer is not None:
+            trace = self.tracer.batch(f"process {rec.topic}", rec.headers, {
+                "messaging.system": "kafka", "messaging.operation.type": "process",
+                "messaging.destination.name": rec.topic, "messaging.destination.partition.id": str(rec.partition),
+                "messaging.kafka.offset": rec.offset,
+            })  # fmt: skip
         try:
-            batch = self._loader.decode(stream, rec.value or b"")
+            with trace.stage("decode", **{"messaging.message.body.size": len(rec.value or b"")}):
+                batch = self._loader.decode(stream, rec.value or b"")
         except BatchDecodeError as e:
             await self._dead_letter(rec, str(e))
+            trace.end(f"dead-lettered: {e}")
             return True
         node = batch.header.node.host_name
+        trace.set("fleetscope.batch_id", batch.header.batch_id)
+        trace.set("fleetscope.rows", batch.rows)
         self.stats.add(node, stream, "batches_decoded")
+        with trace.stage("enrich"):
+            enrichment = await self.enricher.enrich(batch)
+        if enrichment is not None and enrichment.unenriched:
+            self.stats.add(node, stream, "rows_unenriched", enrichment.unenriched)
+        k8s_columns = enrichment.columns if enrichment is not None else None
         backoff = Backoff(self.settings.retry_backoff_max)
+        spans = None
         while True:
             started = time.monotonic()
             try:
-                loaded: Loaded = await asyncio.to_thread(self._loader.insert, batch)
+                with trace.stage("insert", **{"db.system.name": "clickhouse", "db.collection.name": stream}):
+                    loaded: Loaded = await asyncio.to_thread(self._loader.insert, batch, k8s_columns)
+                if self.spans is not None and self.spans.covers(stream):
+                    with trace.stage("spans", **{"db.system.name": "clickhouse", "db.collection.name": "otel_traces"}):
+                        spans = await asyncio.to_thread(self.spans.write, batch, k8s_columns)
                 break
             except Exception as e:
                 self.healthy = False
@@ -181,6 +225,11 @@ class Ingester:
         self.stats.add(node, stream, "rows_inserted", loaded.rows_written)
         self.stats.add(node, stream, "batches_duplicate", int(loaded.duplicate))
         self.counters["insert_ms_total"] += int((time.monotonic() - started) * 1000)
+        if self.spans is not None and spans is not None:
+            self.stats.add(node, stream, "spans_written", len(spans))
+            await asyncio.to_thread(self.spans.export, spans)  # OTLP, once ClickHouse has them
+        if trace.recording:
+            self._traces.append(trace)  # ended after the commit
         return True
 
     async def _dead_letter(self, rec: ConsumerRecord, reason: str) -> None:
@@ -197,6 +246,7 @@ class Ingester:
 
     async def stop(self) -> None:
         self._stop.set()
+        await self.enricher.stop()
         if self._loader is not None:
             await self._write_stats()
         consumer, producer = self._consumer, self._producer
@@ -205,3 +255,8 @@ class Ingester:
             await consumer.stop()
         if producer is not None:
             await producer.stop()
+        self._end_traces("stopped before the commit")
+        for flush in (self.spans, self.tracer):  # export what is queued, bounded by the exporter's timeout
+            if flush is not None:
+                await asyncio.to_thread(flush.shutdown)
+        self.spans = self.tracer = None

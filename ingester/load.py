@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +37,26 @@ class Loaded:
         return self.batch.rows > 0 and self.rows_written == 0
 
 
-def _is_objects(values: np.ndarray | StringColumn) -> bool:
+def _is_objects(values: native.Values) -> bool:
     return isinstance(values, np.ndarray) and values.dtype == object
 
 
-def _column(values: np.ndarray | StringColumn, ch_type: str) -> np.ndarray:
+def _column(values: native.Values, ch_type: str) -> np.ndarray:
     if isinstance(values, StringColumn):
         return values.decoded()
+    if isinstance(values, native.MapColumn):  # only when another column needs this path: a dict per row
+        keys, vals, ends = values.keys.decoded(), values.values.decoded(), values.offsets.tolist()
+        maps = [dict(zip(keys[a:b], vals[a:b], strict=True)) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        out = np.empty(len(maps), dtype=object)
+        out[:] = maps
+        return out
+    if isinstance(values, native.ArrayColumn):
+        raise native.NativeTypeError(f"no fallback writer for {ch_type}")
     if ch_type.startswith("DateTime64"):
         return values.view("<i8")  # ns ticks; see store.set_write_format
+    if ch_type == "IPv6":  # rows of 16 address bytes (the native writer takes them as they are)
+        rows = np.ascontiguousarray(values).view(np.uint8).reshape(-1, 16)
+        return np.array([bytes(r) for r in rows], dtype=object)
     return values.astype(_NUMPY_FOR.get(ch_type, values.dtype), copy=False)
 
 
@@ -72,13 +84,17 @@ class BatchLoader:
             raise BatchDecodeError(f"unknown stream {stream!r}")
         return decode_batch(schema, payload)
 
-    def insert(self, batch: DecodedBatch) -> Loaded:
-        """Insert the rows, then the batch's record in fleet.batches, both deduplicated."""
+    def insert(self, batch: DecodedBatch, extra: Mapping[str, native.Values] | None = None) -> Loaded:
+        """Insert the rows, then the batch's record in fleet.batches, both deduplicated.
+
+        `extra` holds columns made for this batch in the ingester (the Kubernetes columns of
+        ingester/enrich); they win over batch columns of the same name."""
         h = batch.header
         settings = {"insert_deduplication_token": h.batch_id}
+        columns: Mapping[str, native.Values] = {**batch.columns, **extra} if extra else batch.columns
         with self._lock:
-            names = [c for c in self._table_types(h.stream) if c == "node" or c in batch.columns]
-            values = {n: batch.columns[n] for n in names if n != "node"}
+            names = [c for c in self._table_types(h.stream) if c == "node" or c in columns]
+            values: dict[str, native.Values] = {n: columns[n] for n in names if n != "node"}
             values["node"] = native.constant_strings(h.node.host_name, batch.rows)
             written = self._insert(h.stream, values, batch.rows, settings)
             record: dict[str, np.ndarray | StringColumn] = {
@@ -97,13 +113,21 @@ class BatchLoader:
             self._insert("batches", record, 1, settings)
         return Loaded(batch, written)
 
-    def insert_columns(self, table: str, columns: dict[str, np.ndarray]) -> None:
-        """Insert columns the ingester made itself (its own counters) into fleet.<table>."""
+    def insert_columns(
+        self, table: str, columns: Mapping[str, native.Values], rows: int | None = None, dedup_token: str = ""
+    ) -> int:
+        """Insert columns the ingester made itself (its counters, spans) into fleet.<table>;
+        with a token, a repeated insert is deduplicated. Returns the rows written."""
+        if rows is None:
+            first = next(iter(columns.values()))
+            assert isinstance(first, np.ndarray), "give rows= for columns that are not arrays"
+            rows = len(first)
+        settings = {"insert_deduplication_token": dedup_token} if dedup_token else {}
         with self._lock:
-            self._insert(table, dict(columns), len(next(iter(columns.values()))), {})
+            return self._insert(table, dict(columns), rows, settings)
 
     def _insert(
-        self, table: str, values: dict[str, np.ndarray | StringColumn], rows: int, settings: dict[str, str]
+        self, table: str, values: Mapping[str, native.Values], rows: int, settings: dict[str, str]
     ) -> int:
         """One insert of whole columns; returns the rows ClickHouse wrote (0: deduplicated)."""
         types = self._table_types(table)

@@ -18,9 +18,13 @@ import numpy as np
 
 from fleetscope.config import AgentOptions
 from node_agent.batcher import Batcher, node_identity
+from node_agent.bcc_loader import BccProbe, load_selected, resolve_loader
+from node_agent.cgroups import CgroupResolver
 from node_agent.columns import ColumnBuilder
 from node_agent.errors import ProbeError
-from node_agent.loader import LoadedProbe, load_probe
+from node_agent.histogram import HistogramReader, collect, take
+from node_agent.http import StatusServer
+from node_agent.loader import LoadedProbe, cgroup2_mount
 from node_agent.shipper import BatchSink
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,13 @@ VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
 
-def check_host() -> None:
-    """Say in one line what this machine lacks for CO-RE probes, before trying to load."""
-    if not VMLINUX_BTF.exists():
+def check_host(loader: str = "libbpf") -> None:
+    """Say in one line what this machine lacks for the probes, before trying to load."""
+    if resolve_loader(loader) == "libbpf" and not VMLINUX_BTF.exists():
         raise ProbeError(
             f"this kernel has no BTF ({VMLINUX_BTF} is missing): the CO-RE probes need a kernel "
-            "built with CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.4 are)"
+            "built with CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.4 are); "
+            "or load them through bcc: --loader=bcc (or auto)"
         )
     status = Path("/proc/self/status").read_text()
     cap_eff = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), 16)
@@ -70,6 +75,7 @@ class ProbeStatus:
     running: bool
     reason: str = ""
     streams: tuple[str, ...] = ()
+    log: str = ""  # libbpf's output (the verifier log) when it failed to load
 
 
 @dataclass
@@ -89,14 +95,18 @@ class Agent:
         self.sink = sink
         self._builders: dict[str, ColumnBuilder] = {STATS_STREAM: stats_columns}
         self._reported: dict[tuple[str, str, str], int] = {}
+        # container id, pod UID and runtime of each event's cgroup (node_agent/cgroups.py)
+        self.cgroups = CgroupResolver(cgroup2_mount(), settings.cgroup_cache_entries)
         self.batcher = Batcher(
             node_identity(settings.node), self._builders,
-            settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age,
+            settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age, self.cgroups,
         )  # fmt: skip
         self.stats = AgentStats()
         self.status: dict[str, ProbeStatus] = {}
-        self._probes: list[LoadedProbe] = []
+        self._probes: list[LoadedProbe | BccProbe] = []
         self._tick: asyncio.Task[None] | None = None
+        self._hist_tick: asyncio.Task[None] | None = None
+        self._http: StatusServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Agent:
@@ -108,28 +118,37 @@ class Agent:
 
     async def start(self) -> None:
         """Load every configured probe; one that fails is disabled alone, with its reason."""
-        check_host()
+        check_host(self.settings.loader)
         self._loop = asyncio.get_running_loop()
         await self.sink.start()
         for name in self.settings.probes:
             try:
-                probe = load_probe(name, self.settings)
+                probe = load_selected(name, self.settings)
             except ProbeError as e:
-                self.status[name] = ProbeStatus(name, False, str(e))
+                self.status[name] = ProbeStatus(name, False, str(e).splitlines()[0], log=getattr(e, "log", ""))
                 log.error("probe %s disabled: %s", name, e)
                 continue
             self._probes.append(probe)
             self._builders.update({s.name: s.columns for s in probe.probe.streams})
-            self.status[name] = ProbeStatus(name, True, streams=tuple(probe.rings))
+            self._builders.update({h.name: h.columns for h in probe.probe.histograms})
+            streams = (*probe.rings, *(h.name for h in probe.probe.histograms))
+            self.status[name] = ProbeStatus(name, True, streams=streams)
             for ring in probe.rings.values():
                 self._loop.add_reader(ring.fileno(), self.drain)
-            log.info("probe %s running: %s", name, ", ".join(probe.rings))
+            loader = "bcc" if isinstance(probe, BccProbe) else "libbpf"
+            log.info("probe %s running (%s): %s", name, loader, ", ".join(streams))
         if not self._probes:
             await self.sink.stop(0)
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in self.status.values())
             raise ProbeError(f"no probe could be loaded ({reasons})")
         self._tick = asyncio.create_task(self._ticker(), name="agent-tick")
         self._tick.add_done_callback(self._died)
+        if self.settings.status_listen != "off":
+            self._http = StatusServer(self, self.settings.status_listen)
+            await self._http.start()
+        if self._histogram_readers():
+            self._hist_tick = asyncio.create_task(self._histogram_ticker(), name="agent-histograms")
+            self._hist_tick.add_done_callback(self._died)
 
     def _died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -172,6 +191,26 @@ class Agent:
         for batch in self.batcher.cut_now(STATS_STREAM, records):
             self.sink.submit(batch)
 
+    def _histogram_readers(self) -> list[HistogramReader]:
+        return [p.histograms for p in self._probes if isinstance(p, LoadedProbe) and p.histograms]
+
+    async def _histogram_ticker(self) -> None:
+        """Every histogram_interval, end the in-kernel histograms' interval and batch their
+        rows. The read waits for an RCU grace period, so it runs in a thread."""
+        deadline = time.monotonic()
+        while True:
+            deadline = max(deadline + self.settings.histogram_interval, time.monotonic())
+            await asyncio.sleep(deadline - time.monotonic())
+            await asyncio.to_thread(collect, self._histogram_readers())
+            self.take_histograms()
+
+    def take_histograms(self) -> None:
+        """Move the histogram rows read so far into the batcher (one row per key and interval)."""
+        for stream, rows in take(self._histogram_readers()):
+            self.stats.records_read[stream] += len(rows)
+            for batch in self.batcher.add(stream, rows):
+                self.sink.submit(batch)
+
     def drain(self) -> None:
         """Move every committed record from the ring buffers into the batcher."""
         for probe in self._probes:
@@ -193,13 +232,20 @@ class Agent:
         if self._tick is None and not self._probes:
             return
         started = time.monotonic()
-        if self._tick is not None:
-            self._tick.cancel()
-            await asyncio.gather(self._tick, return_exceptions=True)
-            self._tick = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+        for task in (self._tick, self._hist_tick):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._tick = self._hist_tick = None
         for probe in self._probes:
             probe.detach()  # no new events; what is in the rings is still read below
         self.drain()
+        if readers := self._histogram_readers():
+            collect(readers)  # the last, partial interval (after a cancelled read's rows)
+            self.take_histograms()
         self.read_kernel_counters()
         for batch in self.batcher.flush():
             self.sink.submit(batch)

@@ -7,10 +7,12 @@ import logging
 import sys
 import time
 from collections import Counter
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ingester.stats import IngestStats
 from node_agent.agent import Agent
+
+if TYPE_CHECKING:
+    from ingester.stats import IngestStats
 
 log = logging.getLogger("fleetscope.status")
 
@@ -49,10 +51,7 @@ class StatusReporter:
         now = time.monotonic()
         then, before = self._last
         rates = (
-            " ".join(
-                f"{s}={(n - before[s]) / max(now - then, 1e-9):.0f}/s"
-                for s, n in sorted(st.records_read.items())
-            )
+            " ".join(f"{s}={(n - before[s]) / max(now - then, 1e-9):.0f}/s" for s, n in sorted(st.records_read.items()))
             or "no events yet"
         )
         self._last = (now, Counter(st.records_read))

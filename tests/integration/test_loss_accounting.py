@@ -39,7 +39,7 @@ def query(data_dir: Path, sql: str) -> list[list[str]]:
 def test_ring_overflow_is_counted_exactly(bpf_objects: Path, storm_cgroup: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "store"
     run = FleetscopeProcess(
-        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_objects), "--status", "log",
+        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_objects), "--status", "log", "--sql-listen", "off",
         "--ring-bytes", "4096", "--filter-cgroup", str(storm_cgroup), "--stats-interval", "1s",
         log=tmp_path / "run.log",
     )  # fmt: skip

@@ -125,9 +125,11 @@ async def wait_committed(
 async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tmp_path: Path) -> None:
     data_dir = tmp_path / "store"
     brokers = kafka_broker.bootstrap
+    group = f"pipeline-{uuid.uuid4().hex[:8]}"  # a fresh group: no stale members from other tests to wait out
     ingest = FleetscopeProcess(
-        "ingest", "--brokers", brokers, "--clickhouse", f"chdb://{data_dir}", log=tmp_path / "ingest.log"
-    )
+        "ingest", "--brokers", brokers, "--clickhouse", f"chdb://{data_dir}", "--group-id", group,
+        log=tmp_path / "ingest.log",
+    )  # fmt: skip
     agent = FleetscopeProcess(
         "agent", "--brokers", brokers, "--bpf-dir", str(bpf_objects), "--status-interval", "1s",
         log=tmp_path / "agent.log",
@@ -139,7 +141,7 @@ async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tm
         expected = spawn_markers(N, marker)
         last_exit = time.monotonic()
         offsets = await marker_offsets(brokers, marker, N)
-        visible = await wait_committed(brokers, "fleetscope-ingest", offsets, 60)
+        visible = await wait_committed(brokers, group, offsets, 60)
         latency = visible - last_exit
         print(f"exec->row latency for the last of {N} processes: {latency:.2f}s")
         assert latency < 5.0, f"rows became visible {latency:.2f}s after the last exit"
@@ -153,7 +155,7 @@ async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tm
 async def test_processes_become_rows_in_single_node_mode(bpf_objects, tmp_path: Path) -> None:
     data_dir = tmp_path / "store"
     run = FleetscopeProcess(
-        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_objects), "--status", "log",
+        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_objects), "--status", "log", "--sql-listen", "off",
         "--status-interval", "1s", log=tmp_path / "run.log",
     )  # fmt: skip
     with run:

@@ -1,0 +1,259 @@
+"""Spans from real kernel activity, end to end: loopback TCP connections this test makes
+become exactly one CLIENT and one SERVER span each (peers, byte counts, owners) through
+`fleetscope run`, exported by the OpenTelemetry SDK over OTLP/HTTP to a receiver decoding
+with opentelemetry-proto, and the same spans land in fleet.otel_traces; the pipeline's own
+spans continue the agent's trace in the ingester, through the in-memory hand-over and
+through Kafka (decode, enrich, insert, spans, commit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from node_agent.loader import cgroup2_mount
+from tests.integration.test_tcp_connections import Exchange, run_exchanges, running_server
+from tests.support.otlp_receiver import ReceivedSpan, otlp_receiver
+from tests.support.procs import FleetscopeProcess, spawn_markers
+from tests.support.real import require_real
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+N = 20
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200"}  # the SDK's batch processor: export every 200 ms
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A kubelet-shaped cgroup (systemd driver, containerd): pod slice and container scope."""
+
+    uid: str
+    container_id: str
+    path: Path
+
+
+@pytest.fixture
+def pods() -> Iterator[tuple[Pod, Pod]]:
+    """Two pods' container cgroups under the cgroup2 mount, client and server; this process
+    moves into the client one for the test (its connects are the client side)."""
+    root = cgroup2_mount()
+    if not (root / "cgroup.procs").exists():
+        require_real("no cgroup v2 mount for kubelet-shaped cgroups")
+    home = root / next(
+        line.split("::", 1)[1] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")
+    ).lstrip("/")
+    top = root / f"fleetscope-otel-{uuid.uuid4().hex[:8]}.slice"
+    made = []
+    for _ in range(2):
+        uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
+        leaf = top / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice" / f"cri-containerd-{cid}.scope"
+        leaf.mkdir(parents=True)
+        made.append(Pod(uid, cid, leaf))
+    try:
+        (made[0].path / "cgroup.procs").write_text(str(os.getpid()))
+        yield made[0], made[1]
+    finally:
+        (home / "cgroup.procs").write_text(str(os.getpid()))
+        for pod in made:
+            pod.path.rmdir()
+            pod.path.parent.rmdir()
+        top.rmdir()
+
+
+def query(data_dir: Path, sql: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "fleetscope", "query", "--data-dir", str(data_dir), "--format", "json", sql],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def connection_spans(spans: list[ReceivedSpan], ports: set[int]) -> list[ReceivedSpan]:
+    return [s for s in spans if s.name.startswith("tcp ") and s.attributes.get("server.port") in ports]
+
+
+def assert_pipeline_trace(spans: list[ReceivedSpan], stream: str, stages: list[str]) -> None:
+    """Some batch of `stream` has the agent's send span, the ingester's span as its child in
+    the same trace, and the stages as children of that."""
+    sends = {s.span_id: s for s in spans if s.name == f"send {stream}" and s.kind == "producer"}
+    consumers = [s for s in spans if s.kind == "consumer" and s.parent_span_id in sends]
+    assert consumers, f"no ingester span continues an agent span of {stream}"
+    for consumer in consumers:
+        send = sends[consumer.parent_span_id]
+        assert consumer.trace_id == send.trace_id
+        assert send.resource["service.name"] == "fleetscope-agent"
+        assert consumer.resource["service.name"] == "fleetscope-ingester"
+        assert send.attributes["fleetscope.batch_id"] == consumer.attributes["fleetscope.batch_id"]
+        children = [s for s in spans if s.parent_span_id == consumer.span_id]
+        assert sorted(c.name for c in children) == sorted(stages), children
+        assert all(c.trace_id == send.trace_id for c in children)
+        assert send.span.start_time_unix_nano <= consumer.span.start_time_unix_nano
+
+
+def test_tcp_connections_become_spans_through_fleetscope_run(bpf_objects, pods, tmp_path: Path) -> None:
+    client_pod, server_pod = pods
+    data_dir = tmp_path / "store"
+    me, comm = os.getpid(), Path("/proc/self/comm").read_text().strip()
+    with otlp_receiver() as receiver:
+        run = FleetscopeProcess(
+            "run",
+            "--probes",
+            "process,tcp_connections",
+            "--data-dir",
+            str(data_dir),
+            "--bpf-dir",
+            str(bpf_objects),
+            "--status",
+            "log",
+            "--sql-listen",
+            "off",
+            "--node-name",
+            "otel-node",
+            "--batch-max-age",
+            "200ms",
+            "--otlp-protocol",
+            "http/protobuf",
+            "--trace-sample-ratio",
+            "1.0",
+            "--span-process-min-duration",
+            "0",
+            log=tmp_path / "run.log",
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, **FAST_EXPORT},
+        )
+        with run:
+            run.wait_for_log("probe tcp_connections running", 120)
+            with running_server(N, server_pod.path) as (server, v4, v6):
+                exchanges = run_exchanges(N, v4, v6)
+            got = receiver.wait_for(lambda s: len(connection_spans(s, {v4, v6})) >= 2 * N, 30)
+            run.stop(signal.SIGINT)
+        assert run.returncode == 0, run.log_text()[-3000:]
+        got = list(receiver.spans)  # everything, after the final flush
+    spans = connection_spans(got, {v4, v6})
+    clients = {s.attributes["client.port"]: s for s in spans if s.kind == "client"}
+    servers = {s.attributes["client.port"]: s for s in spans if s.kind == "server"}
+    assert len(spans) == 2 * N and len(clients) == len(servers) == N
+    for ex in exchanges:
+        client, srv = clients[ex.client_port], servers[ex.client_port]
+        assert_connection(client, srv, ex, me, comm, server.pid)
+        # the agent resolved each end's cgroup: container and pod identity on the resource
+        assert client.resource == {
+            "service.name": comm,
+            "host.name": "otel-node",
+            "k8s.pod.uid": client_pod.uid,
+            "container.id": client_pod.container_id,
+        }
+        assert (srv.resource["k8s.pod.uid"], srv.resource["container.id"]) == (server_pod.uid, server_pod.container_id)
+    # the server process's lifetime is a process span (threshold 0)
+    lifetimes = [s for s in got if s.name.startswith("process ") and s.attributes.get("process.pid") == server.pid]
+    assert len(lifetimes) == 1 and lifetimes[0].attributes["process.exit.code"] == 0
+    # the agent -> ingester hand-over of each traced batch continues the agent's trace
+    assert_pipeline_trace(got, "tcp_connections", ["decode", "enrich", "insert", "spans"])
+    # the same spans, ids and attributes in fleet.otel_traces
+    rows = query(
+        data_dir,
+        f"SELECT TraceId, SpanId, SpanKind, SpanAttributes, ResourceAttributes FROM fleet.otel_traces "
+        f"WHERE SpanAttributes['server.port'] IN ('{v4}', '{v6}')",
+    )
+    assert len(rows) == 2 * N
+    stored = {r["SpanId"]: r for r in rows}
+    for s in spans:
+        r = stored[s.span_id]
+        assert r["TraceId"] == s.trace_id and r["SpanKind"] == s.kind.capitalize()
+        assert r["SpanAttributes"] == {k: str(v) for k, v in s.attributes.items()}
+        assert r["ResourceAttributes"] == s.resource
+
+
+def assert_connection(client: ReceivedSpan, server: ReceivedSpan, ex: Exchange, me: int, comm: str, srv: int) -> None:
+    """One connection's two spans: peers, ports, byte counts both ways, owners, resource."""
+    host = "127.0.0.1" if ex.family == 4 else "::1"
+    net = "ipv4" if ex.family == 4 else "ipv6"
+    c, s = client.attributes, server.attributes
+    assert client.name == "tcp connect" and server.name == "tcp accept"
+    assert (c["network.peer.address"], c["network.peer.port"], c["network.local.port"]) == (
+        host,
+        ex.server_port,
+        ex.client_port,
+    )
+    assert (s["network.peer.address"], s["network.peer.port"], s["network.local.port"]) == (
+        host,
+        ex.client_port,
+        ex.server_port,
+    )
+    for a in (c, s):
+        assert (a["server.address"], a["server.port"], a["client.address"], a["client.port"]) == (
+            host,
+            ex.server_port,
+            host,
+            ex.client_port,
+        )
+        assert (a["network.transport"], a["network.type"]) == ("tcp", net)
+    assert (c["fleetscope.tcp.bytes_sent"], c["fleetscope.tcp.bytes_received"]) == (ex.sent, ex.received)
+    assert (s["fleetscope.tcp.bytes_sent"], s["fleetscope.tcp.bytes_received"]) == (ex.received, ex.sent)
+    assert (c["process.pid"], c["process.executable.name"], s["process.pid"]) == (me, comm, srv)
+    assert client.resource["host.name"] == server.resource["host.name"] == "otel-node"
+    for span in (client, server):
+        assert span.span.status.code == 0 and span.scope == "fleetscope"
+        assert 0 < span.span.end_time_unix_nano - span.span.start_time_unix_nano < 10**10
+    # the server's end starts when the handshake completes, after the client's SYN
+    assert client.span.start_time_unix_nano <= server.span.start_time_unix_nano
+
+
+@pytest.mark.kafka
+def test_batches_are_traced_from_agent_through_kafka_to_commit(kafka_broker, bpf_objects, tmp_path: Path) -> None:
+    with otlp_receiver() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, **FAST_EXPORT}
+        tracing = ("--otlp-protocol", "http/protobuf", "--trace-sample-ratio", "1.0")
+        ingest = FleetscopeProcess(
+            "ingest",
+            "--brokers",
+            kafka_broker.bootstrap,
+            "--clickhouse",
+            f"chdb://{tmp_path / 'store'}",
+            "--group-id",
+            "otel-trace-test",
+            *tracing,
+            log=tmp_path / "ingest.log",
+            env=env,
+        )
+        agent = FleetscopeProcess(
+            "agent",
+            "--brokers",
+            kafka_broker.bootstrap,
+            "--bpf-dir",
+            str(bpf_objects),
+            "--batch-max-age",
+            "200ms",
+            *tracing,
+            log=tmp_path / "agent.log",
+            env=env,
+        )
+        with ingest, agent:
+            agent.wait_for_log("probe process running", 60)
+            ingest.wait_for_log("consuming", 120)
+            spawn_markers(5, "otel-trace")
+
+            def traced(spans: list[ReceivedSpan]) -> bool:
+                return any(s.name == "commit" for s in spans) and any(s.name == "send process_exec" for s in spans)
+
+            receiver.wait_for(traced, 60)
+            agent.stop()
+            ingest.stop()
+        assert agent.returncode == 0 and ingest.returncode == 0
+        got = list(receiver.spans)
+    assert_pipeline_trace(got, "process_exec", ["decode", "enrich", "insert", "commit"])
+    consumer = next(s for s in got if s.kind == "consumer" and s.name == "process fleetscope.process_exec.v1")
+    assert consumer.attributes["messaging.system"] == "kafka"
+    send = next(s for s in got if s.span_id == consumer.parent_span_id)
+    assert send.attributes["messaging.destination.name"] == "fleetscope.process_exec.v1"
