@@ -26,7 +26,7 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
 def _short(frame: str) -> str:
-    """"func (path/file.py:123)" -> "func (file.py)"."""
+    """ "func (path/file.py:123)" -> "func (file.py)"."""
     func, sep, where = frame.partition(" (")
     return f"{func} ({where.split(':')[0].rsplit('/', 1)[-1].rstrip(')')})" if sep else frame
 

@@ -40,7 +40,7 @@ ALL_PROBES = (
 )  # fmt: skip
 
 # the exec storm's child: a static binary that exits at once (no ld.so, no libc start-up)
-TRUE_C = "void _start(void) { __asm__ volatile(\"mov $60, %eax\\n xor %edi, %edi\\n syscall\"); }\n"
+TRUE_C = 'void _start(void) { __asm__ volatile("mov $60, %eax\\n xor %edi, %edi\\n syscall"); }\n'
 
 
 def header() -> str:
@@ -230,12 +230,14 @@ class Broker:
 
 
 @contextlib.contextmanager
-def agent(broker: Broker, probes: Sequence[str], *extra: str, tag: str = "agent") -> Iterator[FleetscopeProcess]:
+def agent(
+    broker: Broker, probes: Sequence[str], *extra: str, tag: str = "agent", env: dict[str, str] | None = None
+) -> Iterator[FleetscopeProcess]:
     """`fleetscope agent` with these probes, started and running; stopped (SIGTERM) after."""
     log = broker.tmp / f"{tag}-{time.monotonic_ns()}.log"
     proc = FleetscopeProcess(
         "agent", "--brokers", broker.bootstrap, "--probes", ",".join(probes), "--status-interval", "1h", *extra,
-        log=log,
+        log=log, env=env,
     )  # fmt: skip
     with proc:
         for p in probes:

@@ -92,6 +92,7 @@ async def wait_stop(stop: asyncio.Event, duration: float) -> None:
 
 
 async def cmd_agent(s: AgentSettings) -> int:
+    from fleetscope.kafka_security import KafkaAuth
     from fleetscope.otel import PipelineTracer
     from node_agent.agent import Agent
     from node_agent.shipper import KafkaSink
@@ -100,7 +101,8 @@ async def cmd_agent(s: AgentSettings) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
     tracer = PipelineTracer.from_settings("fleetscope-agent", s.otlp_protocol, s.trace_sample_ratio)
-    agent = Agent(s, KafkaSink(s.brokers, s.topic_prefix, tracer=tracer))
+    sink = KafkaSink(s.brokers, s.topic_prefix, s.spool_dir, s.spool_max_bytes, tracer=tracer, auth=KafkaAuth(s))
+    agent = Agent(s, sink)
     await agent.start()
     reporter = StatusReporter(agent, None, "log", s.status_interval)
     try:
@@ -241,13 +243,15 @@ def render_status(status: dict[str, Any]) -> str:
         out += [f"      | {line}" for line in p.get("log", "").splitlines()[-20:]]
     for stream, c in sorted(status["streams"].items()):
         out.append(f"  {stream:<20} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())))
+    if "spool" in status:
+        out.append("  spool                " + " ".join(f"{k}={v}" for k, v in sorted(status["spool"].items())))
     return "\n".join(out)
 
 
 def cmd_migrate(s: MigrateSettings) -> int:
     from fleetscope.store import connect, mask_dsn, migrate
 
-    client = connect(s.clickhouse)
+    client = connect(s.clickhouse, s.clickhouse_secret())
     applied = migrate(client)
     print(f"{mask_dsn(s.clickhouse)}: applied {len(applied)} migration(s)"
           + "".join(f"\n  {m.version:04d}_{m.name}" for m in applied))  # fmt: skip
@@ -260,7 +264,7 @@ def cmd_query(s: QuerySettings, sql: str) -> int:
     for noisy in ("urllib3", "clickhouse_connect"):  # their retry warnings repeat our error
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        client = connect(s.dsn)
+        client = connect(s.dsn, s.clickhouse_secret())
     except StoreError as e:
         if s.data_dir and "EmbeddedServer" in str(e):
             raise StoreError(f"{s.data_dir} is open in another process (fleetscope run or serve-sql); query "

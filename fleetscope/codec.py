@@ -9,6 +9,7 @@ header goes through the protobuf library (one object per batch, never per row).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import re
@@ -20,6 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from fleetscope import v1
+from fleetscope.retry import first_line
 from fleetscope.v1 import batch_pb2
 
 SCHEMA_MAJOR = 1
@@ -40,6 +42,7 @@ _WIRE_VARINT, _WIRE_I64, _WIRE_I32 = 0, 1, 5
 # Bounds on what a decoder accepts from the wire (hostile input must not allocate freely).
 MAX_BATCH_BYTES = 64 << 20
 MAX_ROWS = 1 << 20
+MAX_HEADER_STRING = 1024
 
 
 class BatchDecodeError(ValueError):
@@ -53,8 +56,11 @@ class Column:
     """One column of a stream: protobuf field number, name, and numpy dtype (None: string).
 
     per_row > 1 (the field option `per_row` of batch.proto) is a fixed-length array per
-    row, flattened on the wire; decoded, it is a (rows, per_row) array. An omittable string
-    column (option `omittable`) may be absent: writers skip it, readers fill in "".
+    row, flattened on the wire; decoded, it is a (rows, per_row) array. An omittable column
+    (option `omittable`) may be absent from any batch: writers skip it, readers fill in zeros
+    or "". A column added in a later minor (option `since_minor`) may be absent from batches
+    whose header.schema_minor is lower, and is filled in the same way; from a batch of that
+    minor or later its absence is truncation.
     """
 
     number: int
@@ -62,6 +68,11 @@ class Column:
     dtype: np.dtype | None
     per_row: int = 1
     omittable: bool = False
+    since_minor: int = 0
+
+    def may_be_absent(self, schema_minor: int) -> bool:
+        """Whether a batch written at schema_minor may leave this column out."""
+        return self.omittable or schema_minor < self.since_minor
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,11 @@ class StreamSchema:
     stream: str
     message: type[Message]
     columns: tuple[Column, ...]
+
+    @functools.cached_property
+    def field_numbers(self) -> frozenset[int]:
+        """The top-level fields a decoder keeps: the header and the columns."""
+        return frozenset((1, *(c.number for c in self.columns)))
 
     @property
     def topic_suffix(self) -> str:
@@ -104,11 +120,12 @@ def _schema_from_descriptor(stream: str, message: type[Message]) -> StreamSchema
     for f in desc.fields:
         if f.name == "header":
             continue
+        ext = f.GetOptions().Extensions
+        absent = {"omittable": ext[batch_pb2.omittable], "since_minor": ext[batch_pb2.since_minor]}
         if f.message_type is not None and f.message_type.name == "StringColumn":
-            columns.append(Column(f.number, f.name, None, omittable=f.GetOptions().Extensions[batch_pb2.omittable]))
+            columns.append(Column(f.number, f.name, None, **absent))
         elif f.type in _FIXED_DTYPES and f.is_repeated:
-            per_row = f.GetOptions().Extensions[batch_pb2.per_row] or 1
-            columns.append(Column(f.number, f.name, _FIXED_DTYPES[f.type], per_row))
+            columns.append(Column(f.number, f.name, _FIXED_DTYPES[f.type], ext[batch_pb2.per_row] or 1, **absent))
         else:
             raise TypeError(f"{desc.full_name}.{f.name}: columns must be packed fixed-width or StringColumn")
     return StreamSchema(stream, message, tuple(columns))
@@ -185,11 +202,11 @@ def encode_batch(
     schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]
 ) -> bytes:
     """Encode one batch. Numeric columns are arrays of the column dtype; string columns are
-    fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples; an
-    omittable column missing from `columns` is left out."""
+    fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples; a column
+    missing from `columns` that the header's schema_minor may leave out is left out."""
     pieces: list[bytes] = _ld(1, header.SerializeToString())
     for col in schema.columns:
-        if col.omittable and col.name not in columns:
+        if col.name not in columns and col.may_be_absent(header.schema_minor):
             continue
         values = columns[col.name]
         if col.dtype is None:
@@ -207,6 +224,14 @@ def encode_batch(
                 raise ValueError(f"{col.name}: {np.size(values)} values, not {col.per_row} per row")
             pieces += _ld(col.number, np.ascontiguousarray(values, col.dtype).tobytes())
     return b"".join(pieces)
+
+
+def _absent(col: Column, rows: int) -> np.ndarray | StringColumn:
+    """A column the batch's writer left out: zeros, or "" in every row."""
+    if col.dtype is None:
+        return StringColumn(b"", np.zeros(1, "<u4"), np.zeros(rows, "<u4"))
+    values = np.zeros(rows * col.per_row, col.dtype)
+    return values.reshape(rows, col.per_row) if col.per_row > 1 else values
 
 
 @dataclass
@@ -234,9 +259,10 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview) -> dict[int, memoryview]:
-    """Split a message into its length-delimited fields (last one wins, as in protobuf);
-    other wire types are skipped, which is how unknown fields from newer minors pass."""
+def _fields(buf: memoryview, wanted: frozenset[int]) -> dict[int, memoryview]:
+    """The length-delimited fields of a message whose numbers are in `wanted` (last one wins,
+    as in protobuf). Everything else is skipped, which is how unknown fields from newer
+    minors pass, and a hostile message of many tiny fields costs no memory per field."""
     out: dict[int, memoryview] = {}
     pos = 0
     while pos < len(buf):
@@ -248,7 +274,8 @@ def _fields(buf: memoryview) -> dict[int, memoryview]:
             length, pos = _read_varint(buf, pos)
             if pos + length > len(buf):
                 raise BatchDecodeError(f"field {number} declares {length} bytes, {len(buf) - pos} left")
-            out[number] = buf[pos : pos + length]
+            if number in wanted:
+                out[number] = buf[pos : pos + length]
             pos += length
         elif wire == _WIRE_VARINT:
             _, pos = _read_varint(buf, pos)
@@ -275,19 +302,34 @@ def _array(raw: memoryview | None, dtype: np.dtype, rows: int, what: str) -> np.
     return arr
 
 
-def decode_batch(schema: StreamSchema, payload: bytes) -> DecodedBatch:
-    """Decode and validate one batch; raises BatchDecodeError with the reason."""
-    if len(payload) > MAX_BATCH_BYTES:
-        raise BatchDecodeError(f"batch of {len(payload)} bytes exceeds {MAX_BATCH_BYTES}")
-    fields = _fields(memoryview(payload))
+_STRING_FIELDS = frozenset((1, 2, 3))  # StringColumn: data, offsets, index
+
+
+def _check_header_strings(header: batch_pb2.BatchHeader) -> None:
+    """Header strings become row values, stats keys and the deduplication token: bounded."""
+    node = header.node
+    for name, value in (("batch_id", header.batch_id), ("stream", header.stream), ("host_name", node.host_name),
+                        ("machine_id", node.machine_id), ("kernel_release", node.kernel_release),
+                        ("agent_version", node.agent_version)):  # fmt: skip
+        if len(value) > MAX_HEADER_STRING:
+            raise BatchDecodeError(f"header {name} of {len(value)} characters exceeds {MAX_HEADER_STRING}")
+
+
+def decode_batch(schema: StreamSchema, payload: bytes, max_bytes: int = MAX_BATCH_BYTES) -> DecodedBatch:
+    """Decode and validate one batch; raises BatchDecodeError with the reason, and nothing
+    else whatever the bytes (tests/unit/test_codec_fuzz.py holds it to that)."""
+    if len(payload) > max_bytes:
+        raise BatchDecodeError(f"batch of {len(payload)} bytes exceeds {max_bytes}")
+    fields = _fields(memoryview(payload), schema.field_numbers)
     header = batch_pb2.BatchHeader()
     try:
         header.ParseFromString(bytes(fields.get(1, b"")))
-    except DecodeError as e:
-        raise BatchDecodeError(f"header: {e}") from None
+    except (DecodeError, RecursionError) as e:
+        raise BatchDecodeError(f"header: {first_line(e)}") from None
     rows = header.row_count
     if rows > MAX_ROWS:
         raise BatchDecodeError(f"row_count {rows} exceeds {MAX_ROWS}")
+    _check_header_strings(header)
     if header.stream != schema.stream:
         raise BatchDecodeError(f"header says stream {header.stream!r}, topic carries {schema.stream!r}")
     if not header.batch_id:
@@ -295,15 +337,15 @@ def decode_batch(schema: StreamSchema, payload: bytes) -> DecodedBatch:
     columns: dict[str, np.ndarray | StringColumn] = {}
     for col in schema.columns:
         raw = fields.get(col.number)
+        if raw is None and rows and col.may_be_absent(header.schema_minor):
+            columns[col.name] = _absent(col, rows)
+            continue
         if col.dtype is not None:
             what = col.name if col.per_row == 1 else f"{col.name} ({col.per_row} per row)"
             values = _array(raw, col.dtype, rows * col.per_row, what)
             columns[col.name] = values.reshape(rows, col.per_row) if col.per_row > 1 else values
             continue
-        if raw is None and col.omittable:  # left out by the writer: every row ""
-            columns[col.name] = StringColumn(b"", np.zeros(min(rows, 1), "<u4"), np.zeros(rows, "<u4"))
-            continue
-        sub = _fields(raw) if raw is not None else {}
+        sub = _fields(raw, _STRING_FIELDS) if raw is not None else {}
         data = bytes(sub.get(1, b""))
         offsets = _array(sub.get(2), np.dtype("<u4"), -1, f"{col.name}.offsets")
         index = _array(sub.get(3), np.dtype("<u4"), rows, f"{col.name}.index")

@@ -20,8 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import yaml
+
+from fleetscope.credentials import Secret, mask_dsn, read_secret_file, secret
 
 ENV_PREFIX = "FLEETSCOPE_"
 CONFIG_ENV = "FLEETSCOPE_CONFIG"
@@ -189,6 +192,30 @@ def opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str | Non
 
 DEFAULT_PROBES = ("process",)
 
+
+def _patterns(text: str) -> tuple[str, ...]:
+    """Comma-separated regular expressions, each compiled to check it; empty: none."""
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    for p in items:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{p!r} is not a regular expression: {e}") from None
+    return items
+
+
+# node_agent.redact.DEFAULT_PATTERNS, kept here so settings load without the agent
+DEFAULT_REDACT_PATTERNS = (
+    r"(?i)(?:passw(?:or)?d|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)[\w.-]*=(\S+)",
+    r"(?i)(?:^|\s)--?[\w.-]*(?:passw(?:or)?d|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)"
+    r"[\w.-]*\s+([^\s-]\S*)",
+    r"(?i)\bbearer\s+(\S+)",
+    r"(?i)\bbasic\s+([A-Za-z0-9+/]{8}[A-Za-z0-9+/=]*)",
+    r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:([^\s/@]+)@",
+    r"\b(gh[pousr]_[A-Za-z0-9]{36}[A-Za-z0-9]*)",
+    r"\b(eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)",
+)
+
 # Label selector terms: k=v, k==v, k!=v, k, !k, k in (a,b), k notin (a,b); field selectors
 # take the first three only (what the API server accepts).
 _SELECTOR_TERM = re.compile(
@@ -254,15 +281,141 @@ class Common:
     log_level: str = opt("info", _choice("debug", "info", "warning", "error"), "log verbosity")
 
 
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+def _upper_choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text.strip() else None
+
+
 @dataclass(frozen=True)
 class Kafka:
     brokers: tuple[str, ...] = opt((), _brokers, "Kafka bootstrap servers", "HOST:PORT[,HOST:PORT]")
     topic_prefix: str = opt("fleetscope", str, "topics are <prefix>.<stream>.v1")
+    # TLS and SASL of every Kafka client of the command (fleetscope/kafka_security.py)
+    kafka_security_protocol: str = opt(
+        "PLAINTEXT",
+        _upper_choice(*KAFKA_PROTOCOLS),
+        "how to talk to the brokers: PLAINTEXT, SSL (TLS), SASL_SSL (TLS + SASL login), SASL_PLAINTEXT",
+        "|".join(KAFKA_PROTOCOLS),
+    )
+    kafka_ssl_cafile: Path | None = opt(
+        None, _optional_path, "PEM file of the CA(s) that signed the brokers' certificates (default: the system's)"
+    )
+    kafka_ssl_certfile: Path | None = opt(
+        None, _optional_path, "PEM client certificate (chain), for brokers that require TLS client authentication"
+    )
+    kafka_ssl_keyfile: Path | None = opt(None, _optional_path, "PEM private key of kafka_ssl_certfile (unencrypted)")
+    kafka_ssl_check_hostname: bool = opt(True, _bool, "check that a broker's certificate names the host connected to")
+    kafka_sasl_mechanism: str = opt(
+        "SCRAM-SHA-512", _upper_choice(*KAFKA_SASL_MECHANISMS), "SASL mechanism", "|".join(KAFKA_SASL_MECHANISMS)
+    )
+    kafka_sasl_username: str = opt("", str, "SASL user name")
+    kafka_sasl_password: Secret = opt(
+        Secret(""), secret, "SASL password; prefer the environment or kafka_sasl_password_file (never logged)"
+    )
+    kafka_sasl_password_file: Path | None = opt(
+        None, _optional_path, "read the SASL password from the first line of this file (re-read at each connect)"
+    )
+
+    def kafka_password(self) -> Secret:
+        """The SASL password, from kafka_sasl_password or its file (read now: rotation works)."""
+        if self.kafka_sasl_password_file is not None:
+            try:
+                return read_secret_file("kafka_sasl_password_file", self.kafka_sasl_password_file)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        return self.kafka_sasl_password
+
+    def validate_kafka_security(self) -> None:
+        """Refuse combinations that would send data or credentials in clear, or not be used."""
+        proto = self.kafka_security_protocol
+        tls, sasl = proto in ("SSL", "SASL_SSL"), proto.startswith("SASL_")
+        for key in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            if getattr(self, key) is not None and not tls:
+                raise ConfigError(
+                    f"{key}: is set, but kafka_security_protocol is {proto}, which does not use TLS; "
+                    "set kafka_security_protocol SSL or SASL_SSL"
+                )
+        given = [k for k in ("kafka_sasl_username", "kafka_sasl_password", "kafka_sasl_password_file")
+                 if getattr(self, k)]  # fmt: skip
+        if given and not sasl:
+            raise ConfigError(
+                f"{given[0]}: is set, but kafka_security_protocol is {proto}, which sends no credentials; "
+                "set kafka_security_protocol SASL_SSL"
+            )
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ConfigError("kafka_ssl_keyfile: needs kafka_ssl_certfile (the certificate of that key)")
+        if sasl:
+            if not self.kafka_sasl_username:
+                raise ConfigError(f"kafka_sasl_username: required with kafka_security_protocol {proto}")
+            if self.kafka_sasl_password and self.kafka_sasl_password_file:
+                raise ConfigError("kafka_sasl_password/kafka_sasl_password_file: give one of them, not both")
+            if not self.kafka_sasl_password and not self.kafka_sasl_password_file:
+                raise ConfigError(
+                    f"kafka_sasl_password: required with kafka_security_protocol {proto}; set "
+                    "FLEETSCOPE_KAFKA_SASL_PASSWORD or kafka_sasl_password_file"
+                )
+            if proto == "SASL_PLAINTEXT" and self.kafka_sasl_mechanism == "PLAIN":
+                raise ConfigError(
+                    "kafka_sasl_mechanism: PLAIN over SASL_PLAINTEXT sends the password in clear; "
+                    "use kafka_security_protocol SASL_SSL, or a SCRAM mechanism"
+                )
+            self.kafka_password()  # an unreadable or empty password file fails at start
+        if tls:
+            from fleetscope.kafka_security import ssl_context  # imports ssl; only when used
+
+            ssl_context(self)  # unreadable or mismatched PEM files fail at start, naming the key
 
 
 @dataclass(frozen=True)
 class Store:
     clickhouse: str = opt("", _dsn, "ClickHouse DSN: http(s)://user:pass@host:8123/db or chdb:///path", "DSN")
+
+
+@dataclass(frozen=True)
+class ClickHouseAuth:
+    """The ClickHouse password kept out of the DSN (and so out of the command line)."""
+
+    clickhouse_password: Secret = opt(
+        Secret(""), secret, "password of the DSN's user; prefer the environment or clickhouse_password_file"
+    )
+    clickhouse_password_file: Path | None = opt(
+        None, _optional_path, "read the ClickHouse password from the first line of this file"
+    )
+
+    def clickhouse_secret(self) -> Secret:
+        """The password to connect with ("" for the DSN's own, or none)."""
+        if self.clickhouse_password_file is None:
+            return self.clickhouse_password
+        try:
+            return read_secret_file("clickhouse_password_file", self.clickhouse_password_file)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def validate_clickhouse_auth(self, dsn: str) -> None:
+        if self.clickhouse_password and self.clickhouse_password_file:
+            raise ConfigError("clickhouse_password/clickhouse_password_file: give one of them, not both")
+        if self.clickhouse_password or self.clickhouse_password_file:
+            if dsn.startswith("chdb://"):
+                raise ConfigError("clickhouse_password: the embedded engine (chdb://) takes no password")
+            if urlsplit(dsn).password is not None:
+                raise ConfigError(
+                    f"clickhouse: {mask_dsn(dsn)} has a password and clickhouse_password is set too; "
+                    "drop the password from the DSN"
+                )
+            self.clickhouse_secret()  # an unreadable or empty file fails at start
 
 
 @dataclass(frozen=True)
@@ -283,6 +436,13 @@ class AgentOptions:
         "auto (libbpf when the kernel has BTF, else bcc)",
     )
     args_max: int = opt(512, _positive_int, "bytes of argv captured per exec (at most 1024)")
+    redact_patterns: tuple[str, ...] = opt(
+        DEFAULT_REDACT_PATTERNS,
+        _patterns,
+        "regular expressions whose first group (or whole match) is masked as *** in process_exec args on the "
+        "node; comma-separated (write a comma inside a pattern as \\x2c); empty: no redaction",
+        "LIST",
+    )
     file_open_prefixes: tuple[str, ...] = opt(
         ("/etc/",),
         _path_prefixes,
@@ -364,14 +524,35 @@ class Spans:
     )
 
 
+DEFAULT_SPOOL_DIR = Path("/var/lib/fleetscope/spool")
+
+
 @dataclass(frozen=True)
-class AgentSettings(Common, Kafka, AgentOptions, Tracing):
+class SpoolOptions:
+    """The agent's disk spool between the batcher and Kafka (node_agent/spool.py)."""
+
+    spool_dir: Path = opt(
+        DEFAULT_SPOOL_DIR, _path, "directory of the disk spool: batches not yet acknowledged by Kafka (one agent each)"
+    )
+    spool_max_bytes: int = opt(
+        1 << 30, _size, "disk the spool may use; when full, its oldest batches are evicted and counted as lost"
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings(Common, Kafka, AgentOptions, Tracing, SpoolOptions):
     """`fleetscope agent`: probes -> Kafka."""
 
     def validate(self) -> None:
         if not self.brokers:
             raise ConfigError("brokers: required; set --brokers HOST:PORT or FLEETSCOPE_BROKERS")
         AgentOptions.validate(self)
+        self.validate_kafka_security()
+        if self.spool_max_bytes < 4 * self.batch_max_bytes:
+            raise ConfigError(
+                f"spool_max_bytes: {self.spool_max_bytes} holds fewer than 4 batches of batch_max_bytes "
+                f"({self.batch_max_bytes}); raise it to at least {4 * self.batch_max_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -409,20 +590,42 @@ class Kubernetes:
 
 
 @dataclass(frozen=True)
-class IngestSettings(Common, Kafka, Store, Kubernetes, Spans, Tracing):
+class IngestSettings(Common, Kafka, Store, ClickHouseAuth, Kubernetes, Spans, Tracing):
     """`fleetscope ingest`: Kafka -> ClickHouse."""
 
     group_id: str = opt("fleetscope-ingest", str, "Kafka consumer group")
-    dlq_topic: str = opt("fleetscope.dlq.v1", str, "dead-letter topic for batches that cannot be decoded")
+    dlq_topic: str = opt(
+        "fleetscope.dlq.v1", str, "dead-letter topic for malformed, oversized and unknown-major-version batches"
+    )
     max_poll_records: int = opt(64, _positive_int, "Kafka messages (batches) fetched per poll")
     retry_backoff_max: float = opt(30.0, _duration, "cap of the exponential backoff between insert retries")
     stats_interval: float = opt(10.0, _duration, "how often counters are written to fleet.pipeline_stats")
+    # delivery under faults (ingester/app.py, docs/failure-modes.md)
+    max_in_flight_bytes: int = opt(
+        64 << 20, _size, "Kafka messages fetched but not yet stored: fetching pauses at this bound, resumes below half"
+    )
+    max_batch_bytes: int = opt(64 << 20, _size, "a larger message goes to the dead-letter topic (oversized)")
+    max_poll_interval: float = opt(
+        300.0,
+        _duration,
+        "Kafka max.poll.interval: when inserts keep failing this long, the ingester gives its partitions to the "
+        "other members and rejoins once ClickHouse answers",
+    )
+    health_listen: str = opt(
+        "127.0.0.1:9466", _listen, "serve the ingester's /healthz and /metrics here (off: don't)", "HOST:PORT|off"
+    )
 
     def validate(self) -> None:
         if not self.brokers:
             raise ConfigError("brokers: required; set --brokers HOST:PORT or FLEETSCOPE_BROKERS")
         if not self.clickhouse:
             raise ConfigError("clickhouse: required; set --clickhouse DSN or FLEETSCOPE_CLICKHOUSE")
+        if self.max_poll_interval < 1:
+            raise ConfigError(f"max_poll_interval: {self.max_poll_interval}s is too short; use 1s or more")
+        if self.max_batch_bytes > 64 << 20:  # fleetscope.codec.MAX_BATCH_BYTES: what the decoder accepts
+            raise ConfigError(f"max_batch_bytes: {self.max_batch_bytes} exceeds the decoder's bound; use 64MiB or less")
+        self.validate_kafka_security()
+        self.validate_clickhouse_auth(self.clickhouse)
 
 
 @dataclass(frozen=True)
@@ -430,8 +633,8 @@ class SqlAccess:
     """Who may use the ClickHouse HTTP interface of `run` and `serve-sql`, and how much."""
 
     sql_user: str = opt("default", str, "user name SQL clients must send (with sql_password)")
-    sql_password: str = opt(
-        "", str, "password SQL clients must send; empty: no check (loopback only). Prefer the environment"
+    sql_password: Secret = opt(
+        Secret(""), secret, "password SQL clients must send; empty: no check (loopback only). Prefer the environment"
     )
     sql_password_file: Path | None = opt(None, _path, "read sql_password from the first line of this file")
     sql_read_only: bool = opt(False, _bool, "accept only SELECT, SHOW, DESCRIBE, EXISTS, EXPLAIN (dashboards)")
@@ -498,7 +701,7 @@ DEFAULT_SQL_DSN = "http://127.0.0.1:8123"
 
 
 @dataclass(frozen=True)
-class QuerySettings(Common):
+class QuerySettings(Common, ClickHouseAuth):
     """`fleetscope query`: run SQL, print a table."""
 
     data_dir: Path | None = opt(None, _path, "query a store no process has open, in this directory")
@@ -511,6 +714,7 @@ class QuerySettings(Common):
     def validate(self) -> None:
         if self.data_dir and self.clickhouse:
             raise ConfigError("data_dir/clickhouse: give one of --data-dir DIR or --clickhouse DSN, not both")
+        self.validate_clickhouse_auth(self.dsn)
 
     @property
     def dsn(self) -> str:
@@ -520,12 +724,13 @@ class QuerySettings(Common):
 
 
 @dataclass(frozen=True)
-class MigrateSettings(Common, Store):
+class MigrateSettings(Common, Store, ClickHouseAuth):
     """`fleetscope migrate`: apply ClickHouse migrations (idempotent)."""
 
     def validate(self) -> None:
         if not self.clickhouse:
             raise ConfigError("clickhouse: required; set --clickhouse DSN or FLEETSCOPE_CLICKHOUSE")
+        self.validate_clickhouse_auth(self.clickhouse)
 
 
 def env_name(key: str) -> str:
@@ -587,12 +792,19 @@ def build(cls: type, cli: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
         try:
             values[f.name] = f.metadata["parse"](str(raw))
         except ValueError as e:
-            raise ConfigError(f"{f.name}: bad value {raw!r} from {source}: {e}") from None
+            raise ConfigError(f"{f.name}: bad value {_shown(f, str(raw))!r} from {source}: {e}") from None
     settings = cls(**values)
     validate = getattr(settings, "validate", None)
     if validate:
         validate()
     return settings
+
+
+def _shown(f: dataclasses.Field[Any], raw: str) -> str:
+    """A setting's text as an error message may show it: secrets hidden, DSNs masked."""
+    if f.metadata["parse"] is secret:
+        return "***"
+    return mask_dsn(raw) if f.metadata["parse"] is _dsn else raw
 
 
 def replace(settings: Any, **changes: Any) -> Any:

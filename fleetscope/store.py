@@ -12,14 +12,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.datatypes.format import set_write_format
+from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
 from fleetscope.config import REPO_ROOT
+from fleetscope.credentials import mask_dsn, scrub
 from fleetscope.errors import MigrationError, StoreError
 from fleetscope.retry import first_line
 
@@ -33,17 +35,14 @@ DATABASE = "fleet"
 set_write_format("DateTime64", "int")
 
 
-def mask_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ***, safe to log."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+def qualified(table: str) -> str:
+    """`fleet`.`<table>`, quoted: SQL names tables only through quoted identifiers."""
+    return f"{quote_identifier(DATABASE)}.{quote_identifier(table)}"
 
 
-def connect(dsn: str) -> Client:
-    """Open a clickhouse-connect client for a DSN; raises StoreError with the masked DSN."""
+def connect(dsn: str, password: str = "") -> Client:
+    """Open a clickhouse-connect client for a DSN, with password (from clickhouse_password or
+    its file) instead of the DSN's; raises StoreError with the DSN masked and no password."""
     if dsn.startswith("chdb://"):
         path = urlsplit(dsn).path
         if path:
@@ -52,9 +51,10 @@ def connect(dsn: str) -> Client:
         if dsn.startswith("chdb://"):
             return clickhouse_connect.get_client(dsn=dsn)
         # no HTTP session: inserts from concurrent threads must not collide on one
-        return clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
+        return clickhouse_connect.get_client(dsn=dsn, password=str(password), autogenerate_session_id=False)
     except (ClickHouseError, OSError, RuntimeError) as e:
-        raise StoreError(f"cannot connect to ClickHouse at {mask_dsn(dsn)}: {first_line(e)}") from e
+        secrets = [password, unquote(urlsplit(dsn).password or "")]
+        raise StoreError(f"cannot connect to ClickHouse at {mask_dsn(dsn)}: {scrub(first_line(e), secrets)}") from e
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ def migrate(client: Client, directory: Path = MIGRATIONS_DIR) -> list[Migration]
     Idempotent and safe to run from several ingesters at once: every statement is
     IF NOT EXISTS and schema_migrations collapses duplicate versions.
     """
-    client.command(f"CREATE DATABASE IF NOT EXISTS `{DATABASE}`")
+    client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(DATABASE)}")
     client.command(
-        f"CREATE TABLE IF NOT EXISTS `{DATABASE}`.`schema_migrations` ("
+        f"CREATE TABLE IF NOT EXISTS {qualified('schema_migrations')} ("
         "`version` UInt32, `name` String, `checksum` String, "
         "`applied_at` DateTime64(3, 'UTC') DEFAULT now64(3)) "
         "ENGINE = ReplacingMergeTree ORDER BY version"
     )
-    rows = client.query(f"SELECT version, checksum FROM `{DATABASE}`.`schema_migrations` FINAL").result_rows
+    rows = client.query(f"SELECT version, checksum FROM {qualified('schema_migrations')} FINAL").result_rows
     applied = {int(v): c for v, c in rows}
     done = []
     for mig in load_migrations(directory):
@@ -108,7 +108,7 @@ def migrate(client: Client, directory: Path = MIGRATIONS_DIR) -> list[Migration]
         except DatabaseError as e:
             raise MigrationError(f"migration {mig.version:04d}_{mig.name} failed: {first_line(e)}") from e
         client.insert(
-            f"{DATABASE}.schema_migrations",
+            qualified("schema_migrations"),
             [[mig.version, mig.name, mig.checksum]],
             column_names=["version", "name", "checksum"],
         )

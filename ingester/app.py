@@ -3,25 +3,42 @@
 At-least-once consumption plus insert deduplication on the batch id: offsets are
 committed only after ClickHouse acknowledged every batch up to them, so a crash or a
 rebalance redelivers, and the redelivered batch is deduplicated by ClickHouse.
+
+Two tasks: the poll loop fetches into a bounded in-flight queue (ingester/inflight.py) and
+pauses the partitions when it is full, so it keeps polling (the group's liveness check,
+max_poll_interval) however long ClickHouse fails; the worker decodes, inserts with retries
+and commits. Bad input goes to the dead-letter topic (ingester/dlq.py) and the partition
+moves on. Inserts failing for longer than max_poll_interval make the ingester give up its
+partitions to the other members; it rejoins once ClickHouse answers. See
+docs/failure-modes.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from fleetscope.codec import SCHEMA_MAJOR, SCHEMAS, BatchDecodeError
 from fleetscope.config import IngestSettings
+from fleetscope.kafka_security import KafkaAuth
+from fleetscope.metrics import LATENCY_BUCKETS, Histogram
 from fleetscope.otel import NO_TRACE, BatchTrace, PipelineTracer
 from fleetscope.retry import Backoff, first_line
 from fleetscope.store import connect, mask_dsn, migrate
+from ingester import dlq
+from ingester.dlq import DeadLetters
 from ingester.enrich import Enricher
+from ingester.health import Health, HealthServer
+from ingester.inflight import InFlight
 from ingester.load import BatchLoader, Loaded
 from ingester.stats import IngestStats
 from ingester.traces import SpanWriter, span_writer
@@ -29,8 +46,51 @@ from ingester.traces import SpanWriter, span_writer
 log = logging.getLogger(__name__)
 
 
+class KafkaUnavailable(RuntimeError):
+    """The Kafka clients could not start; the message says why (fleetscope.kafka_security)."""
+
+    retriable: ClassVar[bool] = True
+
+
 def topic_for(prefix: str, stream: str) -> str:
     return f"{prefix}.{stream}.v{SCHEMA_MAJOR}"
+
+
+# The agent's fs-schema header: "fleetscope.v<major>.<stream>;minor=<minor>" (node_agent/batcher.py).
+_FS_SCHEMA = re.compile(r"fleetscope\.v(\d+)\.([a-z0-9_]+)(?:;minor=\d+)?")
+COMMIT_INTERVAL = 0.5  # seconds between commits while messages keep coming (at once when the queue empties)
+REVOKE_WAIT = 5.0  # how long a rebalance waits for the batch being inserted (the group waits for us)
+# Errors of building a batch's insert from its columns (the driver's own errors are not among
+# them): a batch that decoded but cannot be written goes to the dead-letter topic instead of
+# being retried forever. Server-side errors are retried: they may be an outage or a missing
+# migration an operator fixes.
+UNSTORABLE = (ValueError, TypeError, OverflowError, IndexError, KeyError)
+DLQ_NODES_MAX = 1024  # distinct message keys counted by name in dead-letter stats; more count as "(other)"
+
+
+def screen(rec: ConsumerRecord, stream: str | None, max_bytes: int) -> tuple[str, str] | None:
+    """Why a message cannot be a batch before decoding it: (dlq kind, reason), or None.
+
+    The topic must be a v<SCHEMA_MAJOR> stream topic; an fs-schema header, when present,
+    must name this major version and the topic's stream (a message without one is taken as
+    the topic says: producers other than the agent may leave it out)."""
+    if stream is None:
+        return dlq.UNKNOWN_TOPIC, f"topic {rec.topic!r} is not a v{SCHEMA_MAJOR} stream topic"
+    size = len(rec.value or b"")
+    if size > max_bytes:
+        return dlq.OVERSIZED, f"batch of {size} bytes exceeds max_batch_bytes {max_bytes}"
+    for key, value in rec.headers or ():
+        if key != "fs-schema":
+            continue
+        text = value.decode("utf-8", "replace")[:200]
+        m = _FS_SCHEMA.fullmatch(text)
+        if m is None:
+            return dlq.MALFORMED, f"fs-schema header {text!r} is not fleetscope.v<major>.<stream>;minor=<n>"
+        if int(m[1]) != SCHEMA_MAJOR:
+            return dlq.UNKNOWN_VERSION, f"fs-schema {text!r}: major version {m[1]}, this ingester reads v{SCHEMA_MAJOR}"
+        if m[2] != stream:
+            return dlq.MALFORMED, f"fs-schema {text!r} names stream {m[2]!r}, the topic carries {stream!r}"
+    return None
 
 
 class Ingester:
@@ -40,7 +100,6 @@ class Ingester:
         self.settings = settings
         self.counters: Counter[str] = Counter()
         self.stats = IngestStats(settings.stats_interval)
-        self.healthy = False
         self._stop = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -52,6 +111,26 @@ class Ingester:
                                                    settings.trace_sample_ratio)  # fmt: skip
         self.spans: SpanWriter | None = None
         self._traces: list[BatchTrace] = []  # sampled batches loaded but not yet committed
+        # delivery under faults: health, in-flight bound, offsets, dead letters
+        self.health = Health()
+        self.health.fail("start", "starting")
+        self._http = HealthServer(self, settings.health_listen) if settings.health_listen != "off" else None
+        self.in_flight = InFlight()
+        self.assigned: set[TopicPartition] = set()
+        self.paused: set[TopicPartition] = set()
+        self._loaded: dict[TopicPartition, int] = {}  # next offset to commit: stored or dead-lettered below it
+        self._committed: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
+        self._commit_lock = asyncio.Lock()
+        self._work_ready = asyncio.Event()
+        self._released = False  # partitions given up while ClickHouse fails (see _release)
+        self._worker: asyncio.Task[None] | None = None
+        self._generation = 0  # +1 at every revocation: work begun before it is not committed
+        self._record_done = asyncio.Event()
+        self.insert_latency = Histogram(LATENCY_BUCKETS)
+        self.stream_names = sorted(SCHEMAS)
+        self._dlq_nodes: set[str] = set()
+        self.dead_letters = DeadLetters(settings.dlq_topic, self.stats.component, self._dead_lettered)
 
     async def __aenter__(self) -> Ingester:
         await self.start()
@@ -79,15 +158,18 @@ class Ingester:
                 delay = backoff.next()
                 log.warning("%s failed: %s; retrying in %.1fs", what, first_line(e), delay)
                 self.counters[f"{what}_retries"] += 1
+                self.health.fail("start", f"starting: {what} unreachable: {first_line(e)}")
                 if await self._sleep_unless_stopped(delay):
                     return False
 
     async def start(self) -> None:
         s = self.settings
+        if self._http is not None:
+            await self._http.start()  # first, so a store or broker that is away shows as degraded
         await self.enricher.start()  # a bad kubeconfig is a ConfigError; an unreachable API is retried
 
         async def open_store() -> None:
-            client = await asyncio.to_thread(connect, s.clickhouse)
+            client = await asyncio.to_thread(connect, s.clickhouse, s.clickhouse_secret())
             await asyncio.to_thread(migrate, client)
             self._loader = BatchLoader(client)
             if s.spans and self.spans is None:
@@ -97,47 +179,145 @@ class Ingester:
             return
         log.info("clickhouse ready at %s", mask_dsn(s.clickhouse))
 
+        auth = KafkaAuth(s)  # TLS and SASL of both clients
+
         async def open_kafka() -> None:
+            # what the fetcher buffers besides the in-flight queue: at most one fetch response
+            fetch_bytes = max(1 << 20, min(64 << 20, s.max_in_flight_bytes // 2))
             consumer = AIOKafkaConsumer(
-                *self._topics,
                 bootstrap_servers=list(s.brokers),
                 group_id=s.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                max_partition_fetch_bytes=16 << 20,
-                fetch_max_bytes=64 << 20,
+                max_partition_fetch_bytes=min(16 << 20, fetch_bytes),
+                fetch_max_bytes=fetch_bytes,
+                max_poll_interval_ms=int(s.max_poll_interval * 1000),
+                # a topic an agent creates after we subscribed is seen at the next metadata
+                # refresh (default 5 min): refresh often so new streams are consumed at once
+                metadata_max_age_ms=3000,
+                **auth.options(),
             )
+            # the dead-letter producer takes any message the broker gave us (cut if its topic refuses it)
             producer = AIOKafkaProducer(
-                bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=True
-            )
+                bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=True, linger_ms=5,
+                max_request_size=max(16 << 20, s.max_batch_bytes + (1 << 20)), **auth.options(),
+            )  # fmt: skip
             try:
                 await consumer.start()
                 await producer.start()
+            except Exception as e:
+                await consumer.stop()
+                await producer.stop()
+                raise KafkaUnavailable(await auth.explain(e)) from e
             except BaseException:
                 await consumer.stop()
                 await producer.stop()
                 raise
+            consumer.subscribe(list(self._topics), listener=_Rebalance(self))
             self._consumer, self._producer = consumer, producer
+            self.dead_letters.producer = producer
 
         if not await self._retry("kafka", open_kafka):
             return
-        log.info("consuming %s as group %s from %s", ", ".join(self._topics), s.group_id, ",".join(s.brokers))
-        self.healthy = True
+        log.info("consuming %s as group %s from %s (%s)", ", ".join(self._topics), s.group_id, ",".join(s.brokers),
+                 auth.describe())  # fmt: skip
+        self.health.ok("start")
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
-        """Poll, load, commit; until request_stop()."""
+        """Poll into the in-flight queue while the worker stores and commits; until
+        request_stop(). A worker that dies ends the run with its exception."""
         if self._consumer is None:
             return  # stopped before start completed
+        worker = self._worker = asyncio.create_task(self._work(), name="ingest-worker")
+        worker.add_done_callback(lambda _: self._stop.set())
+        stats = asyncio.create_task(self._stats_loop(), name="ingest-stats")
+        backoff = Backoff(self.settings.retry_backoff_max)
+        try:
+            while not self._stop.is_set():
+                if self._released:
+                    await self._rejoin_when_store_answers()
+                    continue
+                self._flow_control()
+                try:
+                    polled = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_poll_records)
+                except KafkaError as e:  # a fetch error (the consumer reconnects by itself)
+                    self.counters["poll_errors"] += 1
+                    delay = backoff.next()
+                    log.warning("fetching from Kafka failed: %s; retrying in %.1fs", first_line(e), delay)
+                    await self._sleep_unless_stopped(delay)
+                    continue
+                backoff = Backoff(self.settings.retry_backoff_max)
+                for tp, records in polled.items():  # no await since getmany: still this member's partitions
+                    self.in_flight.add(tp, records)
+                if polled:
+                    self._work_ready.set()
+                failing = self.health.since("insert")
+                if failing is not None and failing >= self.settings.max_poll_interval and self.assigned:
+                    await self._release()
+        finally:
+            stats.cancel()
+            await asyncio.gather(stats, return_exceptions=True)
+        if worker.done() and not worker.cancelled() and worker.exception() is not None:
+            raise worker.exception()  # type: ignore[misc]
+
+    def _flow_control(self) -> None:
+        """Pause fetching at max_in_flight_bytes, resume below half of it."""
+        assert self._consumer is not None
+        limit = self.settings.max_in_flight_bytes
+        if self.in_flight.bytes >= limit:
+            todo = self.assigned - self.paused
+            if todo:
+                if not self.paused:
+                    self.counters["pauses"] += 1
+                    log.info("in-flight bound reached (%d bytes in %d messages): fetching paused",
+                             self.in_flight.bytes, len(self.in_flight))  # fmt: skip
+                self._consumer.pause(*todo)
+                self.paused |= todo
+        elif self.paused and self.in_flight.bytes <= limit // 2:
+            self._consumer.resume(*(self.paused & self.assigned))
+            self.paused.clear()
+            log.info("in-flight messages below half the bound: fetching resumed")
+
+    async def _release(self) -> None:
+        """Give this member's partitions to the others: inserts have failed for longer than
+        max_poll_interval, and a member that cannot store should not hold partitions."""
+        assert self._consumer is not None
+        self.counters["releases"] += 1
+        owned, failing = sorted(f"{tp.topic}/{tp.partition}" for tp in self.assigned), self.health.since("insert")
+        log.warning("inserts have failed for %.0fs (max_poll_interval): leaving the group so other members take "
+                    "partitions %s; rejoining when ClickHouse answers", failing or 0, owned)  # fmt: skip
+        await self._revoke(set(self.assigned))
+        self._consumer.unsubscribe()
+        self._released = True
+        self.health.fail("released", "partitions given to other members: ClickHouse inserts failed for "
+                         "max_poll_interval; rejoining when it answers")  # fmt: skip
+
+    async def _rejoin_when_store_answers(self) -> None:
+        assert self._consumer is not None and self._loader is not None
+        backoff = Backoff(self.settings.retry_backoff_max)
         while not self._stop.is_set():
-            polled = await self._consumer.getmany(timeout_ms=200, max_records=self.settings.max_poll_records)
-            for tp, records in polled.items():
-                if not await self._load_partition(tp, records):
-                    return  # stopped in the middle of retrying: nothing more is committed
-            if self.stats.due():
-                await self._write_stats()
+            try:
+                await asyncio.to_thread(self._loader.ping)
+                break
+            except Exception as e:
+                self.health.fail("insert", f"clickhouse inserts failing: {first_line(e)}")
+                if await self._sleep_unless_stopped(backoff.next()):
+                    return
+        if self._stop.is_set():
+            return
+        log.info("clickhouse answers again: rejoining group %s", self.settings.group_id)
+        self._consumer.subscribe(list(self._topics), listener=_Rebalance(self))
+        self._released = False
+        self.health.ok("released")
+        self.health.ok("insert")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            await self._write_stats()
 
     async def _write_stats(self) -> None:
         """Counters to fleet.pipeline_stats; a failure is logged and retried next interval."""
@@ -147,35 +327,122 @@ class Ingester:
         except Exception as e:
             log.warning("writing pipeline_stats failed: %s", first_line(e))
 
-    async def _load_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
+    async def _work(self) -> None:
+        """Store or dead-letter the in-flight messages in fetch order; commit behind them."""
+        while not self._stop.is_set():
+            taken = self.in_flight.take()
+            if taken is None:
+                await self._commit()
+                if not len(self.in_flight):  # nothing arrived during the commit: wait for the poll loop
+                    self._work_ready.clear()
+                    await self._work_ready.wait()
+                continue
+            tp, rec = taken
+            generation = self._generation
+            self._record_done.clear()
+            try:
+                done = await self._load_record(rec, generation)
+            finally:
+                self.in_flight.done()
+                self._record_done.set()
+            # A message abandoned (stop, or its partition revoked meanwhile) leaves the offset
+            # where it is: nothing after it in the partition may be committed before it.
+            if not done or generation != self._generation:
+                continue
+            self._loaded[tp] = rec.offset + 1
+            if time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
+                await self._commit()
+
+    async def _commit(self, only: set[TopicPartition] | None = None) -> bool:
+        """Commit the offsets below which every message is stored or dead-lettered (the
+        dead letters acknowledged first); False if nothing could be committed."""
         assert self._consumer is not None
-        for rec in records:
-            if not await self._load_record(rec):
-                self._end_traces("stopped before the commit")
+        async with self._commit_lock:
+            self._last_commit = time.monotonic()
+            if not await self.dead_letters.flush(self._stop.is_set):
                 return False
-        started, error = time.time_ns(), ""
-        try:
-            await self._consumer.commit({tp: records[-1].offset + 1})
-            self.counters["commits"] += 1
-        except (CommitFailedError, KafkaError) as e:
-            # A rebalance took the partition; its new owner gets the batches again and
-            # ClickHouse deduplicates them on the batch id.
-            log.warning("commit of %s failed (%s); the batches will be redelivered", tp, first_line(e))
-            error = f"commit failed: {first_line(e)}"
-        for trace in self._traces:  # one commit covers every batch of the partition's poll
-            trace.record("commit", started, time.time_ns(), **{"messaging.kafka.offset": records[-1].offset})
-        self._end_traces(error)
-        return True
+            offsets = {
+                tp: off for tp, off in self._loaded.items()
+                if tp in self.assigned and (only is None or tp in only) and off > self._committed.get(tp, -1)
+            }  # fmt: skip
+            if not offsets:
+                return True
+            started, error = time.time_ns(), ""
+            try:
+                await self._consumer.commit(offsets)
+                self.counters["commits"] += 1
+                self._committed.update(offsets)
+            except (CommitFailedError, KafkaError) as e:
+                # A rebalance took the partition; its new owner gets the batches again and
+                # ClickHouse deduplicates them on the batch id.
+                self.counters["commit_failures"] += 1
+                log.warning("commit of %s failed (%s); the batches will be redelivered",
+                            sorted(f"{tp.topic}/{tp.partition}" for tp in offsets), first_line(e))  # fmt: skip
+                error = f"commit failed: {first_line(e)}"
+            for trace in self._traces:  # one commit covers every batch loaded since the last
+                trace.record("commit", started, time.time_ns())
+            self._end_traces(error)
+            return not error
+
+    def _assign(self, assigned: set[TopicPartition]) -> None:
+        self.assigned |= assigned
+        self.paused -= assigned  # a new assignment starts unpaused; _flow_control decides again
+        for tp in assigned:
+            self._committed.pop(tp, None)
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
+        """Partitions leave this member: drop their queued messages, let the batch being
+        inserted finish (bounded: the group waits for us), commit what was stored so their
+        next owner starts there, and abandon the rest (it is delivered again)."""
+        if not revoked:
+            return
+        self.counters["rebalances"] += 1
+        dropped = self.in_flight.drop(revoked)
+        current = self.in_flight.current
+        if current is not None and current[0] in revoked:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._record_done.wait(), REVOKE_WAIT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._commit(only=revoked), REVOKE_WAIT)
+        self._generation += 1  # whatever is still being worked on is abandoned
+        self.dead_letters.drop(keep=lambda r: TopicPartition(r.topic, r.partition) not in revoked)
+        self.assigned -= revoked
+        self.paused -= revoked
+        for tp in revoked:
+            self._loaded.pop(tp, None)
+        log.info("partitions %s revoked (%d fetched messages left to their next owner)",
+                 sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), dropped)  # fmt: skip
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition: log end offset - committed offset (what /metrics shows)."""
+        consumer, out = self._consumer, {}
+        if consumer is None:
+            return {}
+        for tp in sorted(self.assigned):
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            if tp not in self._committed:
+                with contextlib.suppress(TimeoutError, KafkaError):
+                    self._committed[tp] = await asyncio.wait_for(consumer.committed(tp), 1.0) or 0
+            if tp in self._committed:
+                out[tp] = max(0, end - self._committed[tp])
+        return out
 
     def _end_traces(self, error: str = "") -> None:
         for trace in self._traces:
             trace.end(error)
         self._traces.clear()
 
-    async def _load_record(self, rec: ConsumerRecord) -> bool:
-        """Load one batch, retrying ClickHouse until it acknowledges; False if stopped."""
+    async def _load_record(self, rec: ConsumerRecord, generation: int) -> bool:
+        """Load one batch, retrying ClickHouse until it acknowledges, or dead-letter it; False
+        if abandoned (stopped, or the partition was revoked meanwhile)."""
         assert self._loader is not None
         stream = self._topics.get(rec.topic, "")
+        problem = screen(rec, self._topics.get(rec.topic), self.settings.max_batch_bytes)
+        if problem is not None:
+            await self.dead_letters.send(rec, *problem, self._stop.is_set)
+            return True
         trace = NO_TRACE
         if self.tracer is not None:
             trace = self.tracer.batch(f"process {rec.topic}", rec.headers, {
@@ -187,7 +454,13 @@ class Ingester:
             with trace.stage("decode", **{"messaging.message.body.size": len(rec.value or b"")}):
                 batch = self._loader.decode(stream, rec.value or b"")
         except BatchDecodeError as e:
-            await self._dead_letter(rec, str(e))
+            await self.dead_letters.send(rec, dlq.MALFORMED, str(e), self._stop.is_set)
+            trace.end(f"dead-lettered: {e}")
+            return True
+        except Exception as e:  # the decoder promises BatchDecodeError only (fuzzed); a bug must not stall us
+            log.exception("decoding %s/%d@%d failed unexpectedly", rec.topic, rec.partition, rec.offset)
+            reason = f"decoder error {type(e).__name__}: {e}"
+            await self.dead_letters.send(rec, dlq.MALFORMED, reason, self._stop.is_set)
             trace.end(f"dead-lettered: {e}")
             return True
         node = batch.header.node.host_name
@@ -210,17 +483,24 @@ class Ingester:
                     with trace.stage("spans", **{"db.system.name": "clickhouse", "db.collection.name": "otel_traces"}):
                         spans = await asyncio.to_thread(self.spans.write, batch, k8s_columns)
                 break
+            except UNSTORABLE as e:  # raised before anything is sent: the same on every retry
+                log.exception("batch %s cannot be stored", batch.header.batch_id)
+                await self.dead_letters.send(rec, dlq.MALFORMED, f"cannot be stored: {type(e).__name__}: {e}",
+                                             self._stop.is_set)  # fmt: skip
+                trace.end(f"dead-lettered: {e}")
+                return True
             except Exception as e:
-                self.healthy = False
+                self.health.fail("insert", f"clickhouse inserts failing: {first_line(e)}")
                 self.counters["insert_retries"] += 1
                 delay = backoff.next()
                 log.warning("insert of %s failed: %s; retrying in %.1fs (offsets not committed)",
                             batch.header.batch_id, first_line(e), delay)  # fmt: skip
-                if await self._sleep_unless_stopped(delay):
+                if await self._sleep_unless_stopped(delay) or generation != self._generation:
+                    trace.end("stopped while retrying the insert")
                     return False
-        if not self.healthy:
+        self.insert_latency.observe(time.monotonic() - started)
+        if self.health.ok("insert"):
             log.info("clickhouse inserts succeed again")
-        self.healthy = True
         self.stats.add(node, stream, "batches_inserted")
         self.stats.add(node, stream, "rows_inserted", loaded.rows_written)
         self.stats.add(node, stream, "batches_duplicate", int(loaded.duplicate))
@@ -232,20 +512,27 @@ class Ingester:
             self._traces.append(trace)  # ended after the commit
         return True
 
-    async def _dead_letter(self, rec: ConsumerRecord, reason: str) -> None:
-        assert self._producer is not None
-        headers = [
-            ("fs-dlq-reason", reason.encode()[:1024]),
-            ("fs-source", f"{rec.topic}/{rec.partition}@{rec.offset}".encode()),
-            *[(k, v) for k, v in (rec.headers or ())],
-        ]
-        await self._producer.send_and_wait(self.settings.dlq_topic, rec.value, key=rec.key, headers=headers)
-        node = (rec.key or b"").decode("utf-8", "replace")  # agents key messages by node
-        self.stats.add(node, self._topics.get(rec.topic, rec.topic), "batches_dead_lettered")
-        log.warning("batch at %s/%d@%d dead-lettered: %s", rec.topic, rec.partition, rec.offset, reason)
+    def _dead_lettered(self, rec: ConsumerRecord, kind: str) -> None:
+        """Count an acknowledged dead letter for its node (agents key messages by node) and
+        stream; hostile keys cannot grow the counters without bound."""
+        node = (rec.key or b"").decode("utf-8", "replace")[:253]
+        if node not in self._dlq_nodes:
+            if len(self._dlq_nodes) < DLQ_NODES_MAX:
+                self._dlq_nodes.add(node)
+            else:
+                node = "(other)"
+        self.stats.add(node, self._topics.get(rec.topic, "(unknown)"), "batches_dead_lettered")
 
     async def stop(self) -> None:
         self._stop.set()
+        self._work_ready.set()
+        if self._worker is not None:  # an insert thread it waits for finishes on its own
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        if self._consumer is not None and self.assigned:  # what is stored needs no redelivery
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit(), REVOKE_WAIT)
         await self.enricher.stop()
         if self._loader is not None:
             await self._write_stats()
@@ -260,3 +547,18 @@ class Ingester:
             if flush is not None:
                 await asyncio.to_thread(flush.shutdown)
         self.spans = self.tracer = None
+        if self._http is not None:
+            await self._http.stop()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands the group's decisions to the ingester (aiokafka awaits these before rejoining)."""
+
+    def __init__(self, ingester: Ingester) -> None:
+        self.ingester = ingester
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.ingester._revoke(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.ingester._assign(set(assigned))

@@ -14,7 +14,7 @@ from clickhouse_connect.driver.client import Client
 
 from fleetscope import native
 from fleetscope.codec import SCHEMAS, BatchDecodeError, DecodedBatch, StringColumn, decode_batch
-from fleetscope.store import DATABASE, table_types
+from fleetscope.store import qualified, table_types
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,19 @@ class BatchLoader:
         names = list(values)
         if all(native.supported(types[n]) and not _is_objects(values[n]) for n in names):
             block = native.block([(n, types[n], values[n]) for n in names], rows)
-            summary = self._client.raw_insert(
-                f"{DATABASE}.{table}", names, block, settings=settings, fmt="Native"
-            )
+            summary = self._client.raw_insert(qualified(table), names, block, settings=settings, fmt="Native")
         else:  # a type the native writer lacks: clickhouse-connect serialises it
             data: list[Any] = [_column(values[n], types[n]) for n in names]
             summary = self._client.insert(
-                f"{DATABASE}.{table}", data, column_names=names, column_oriented=True,
+                qualified(table), data, column_names=names, column_oriented=True,
                 column_type_names=[types[n] for n in names], settings=settings,
             )  # fmt: skip
         return int(summary.written_rows)
+
+    def ping(self) -> None:
+        """Raise unless the server answers a query (an ingester waiting to rejoin its group)."""
+        with self._lock:
+            self._client.command("SELECT 1")
 
     def close(self) -> None:
         with self._lock:

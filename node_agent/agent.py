@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetscope.config import AgentOptions
+from node_agent import capabilities
 from node_agent.batcher import Batcher, node_identity
 from node_agent.bcc_loader import BccProbe, load_selected, resolve_loader
 from node_agent.cgroups import CgroupResolver
@@ -25,14 +26,14 @@ from node_agent.errors import ProbeError
 from node_agent.histogram import HistogramReader, collect, take
 from node_agent.http import StatusServer
 from node_agent.loader import LoadedProbe, cgroup2_mount
-from node_agent.shipper import BatchSink
+from node_agent.probes import Stream
+from node_agent.redact import Redactor
+from node_agent.shipper import LOSS_REASONS, NODE_LOSS_COUNTERS, BatchSink
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.1
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
-# capability bits (linux/capability.h)
-_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 
 
 def check_host(loader: str = "libbpf") -> None:
@@ -43,14 +44,12 @@ def check_host(loader: str = "libbpf") -> None:
             "built with CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.4 are); "
             "or load them through bcc: --loader=bcc (or auto)"
         )
-    status = Path("/proc/self/status").read_text()
-    cap_eff = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), 16)
-    has = lambda bit: bool(cap_eff >> bit & 1)  # noqa: E731
-    if not (has(_CAP_BPF) and has(_CAP_PERFMON)) and not has(_CAP_SYS_ADMIN):
-        missing = [n for n, b in (("CAP_BPF", _CAP_BPF), ("CAP_PERFMON", _CAP_PERFMON)) if not has(b)]
+    lacking = capabilities.missing()
+    if lacking:
         raise ProbeError(
-            f"missing capabilities {', '.join(missing)}: run the agent as root, or grant them "
-            "(systemd AmbientCapabilities=, or setcap cap_bpf,cap_perfmon+ep on the interpreter)"
+            f"missing capabilities {', '.join(lacking)} (the agent needs CAP_BPF and CAP_PERFMON, nothing else; "
+            "CAP_SYS_ADMIN on kernels before 5.8): run the agent as root, or grant them (systemd "
+            "AmbientCapabilities=CAP_BPF CAP_PERFMON, or setcap cap_bpf,cap_perfmon+ep on the interpreter)"
         )
 
 
@@ -85,6 +84,7 @@ class AgentStats:
     records_read: Counter[str] = field(default_factory=Counter)
     kernel_emitted: Counter[str] = field(default_factory=Counter)
     kernel_dropped: Counter[str] = field(default_factory=Counter)
+    rows_redacted: Counter[str] = field(default_factory=Counter)  # rows whose secrets were masked
 
 
 class Agent:
@@ -102,6 +102,7 @@ class Agent:
             settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age, self.cgroups,
         )  # fmt: skip
         self.stats = AgentStats()
+        self.redactor = Redactor(settings.redact_patterns)  # secrets in command lines (redact.py)
         self.status: dict[str, ProbeStatus] = {}
         self._probes: list[LoadedProbe | BccProbe] = []
         self._tick: asyncio.Task[None] | None = None
@@ -129,7 +130,7 @@ class Agent:
                 log.error("probe %s disabled: %s", name, e)
                 continue
             self._probes.append(probe)
-            self._builders.update({s.name: s.columns for s in probe.probe.streams})
+            self._builders.update({s.name: self._redacting(s) for s in probe.probe.streams})
             self._builders.update({h.name: h.columns for h in probe.probe.histograms})
             streams = (*probe.rings, *(h.name for h in probe.probe.histograms))
             self.status[name] = ProbeStatus(name, True, streams=streams)
@@ -149,6 +150,20 @@ class Agent:
         if self._histogram_readers():
             self._hist_tick = asyncio.create_task(self._histogram_ticker(), name="agent-histograms")
             self._hist_tick.add_done_callback(self._died)
+
+    def _redacting(self, stream: Stream) -> ColumnBuilder:
+        """The stream's column builder, masking secrets in its command-line columns."""
+        if not stream.redact or not self.redactor.patterns:
+            return stream.columns
+
+        def build(records: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+            columns = stream.columns(records, offset_ns)
+            for name in stream.redact:
+                columns[name], redacted = self.redactor.redact(columns[name])
+                self.stats.rows_redacted[stream.name] += redacted
+            return columns
+
+        return build
 
     def _died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -170,12 +185,24 @@ class Agent:
         self.read_kernel_counters()
         sink = self.sink.counters
         now: dict[tuple[str, str, str], int] = {}
+        # losses with their reason (rows_dropped counts them all); the stats stream's own
+        # too, and streams only a replayed spool knows (probes of an earlier run)
+        for stream in {k.partition(".")[0] for k in sink if "." in k} | set(self._builders):
+            for reason in LOSS_REASONS:
+                for unit in ("rows", "batches"):
+                    now["agent", stream, f"{unit}_{reason}"] = sink[f"{stream}.{unit}_{reason}"]
+            if stream == STATS_STREAM:
+                now["agent", stream, "rows_dropped"] = sink[f"{stream}.rows_dropped"]
+                now["agent", stream, "batches_dropped"] = sink[f"{stream}.batches_dropped"]
+        for counter in NODE_LOSS_COUNTERS:  # not of one stream: stream ''
+            now["agent", "", counter] = sink[counter]
         for stream in self._builders:
             if stream == STATS_STREAM:
                 continue
             now["kernel", stream, "emitted"] = self.stats.kernel_emitted[stream]
             now["kernel", stream, "dropped"] = self.stats.kernel_dropped[stream]
             now["agent", stream, "records_read"] = self.stats.records_read[stream]
+            now["agent", stream, "rows_redacted"] = self.stats.rows_redacted[stream]
             for counter in ("rows_shipped", "batches_shipped", "rows_dropped", "batches_dropped"):
                 now["agent", stream, counter] = sink[f"{stream}.{counter}"]
         deltas = [(key, value - self._reported.get(key, 0)) for key, value in now.items()]

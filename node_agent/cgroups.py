@@ -141,8 +141,7 @@ class CgroupResolver:
         self._seen: OrderedDict[int, CgroupInfo] = OrderedDict()
         self._tree: dict[int, CgroupInfo] = {}
         self._missing: set[int] = set()  # ids the last walk did not find (bounded by the ids seen)
-        self._next_walk = 0.0
-        self._rewalk()
+        self._next_walk = 0.0  # the first lookup walks
 
     def _rewalk(self) -> None:
         started = time.monotonic()

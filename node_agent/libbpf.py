@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from node_agent import capabilities
 from node_agent.btf import Btf, BtfError
 from node_agent.errors import ProbeAttachError, ProbeLoadError
 
@@ -28,6 +29,27 @@ _LIBBPF_WARN, _LIBBPF_INFO, _LIBBPF_DEBUG = 0, 1, 2
 # int (*libbpf_print_fn_t)(enum libbpf_print_level, const char *fmt, va_list ap); on x86-64
 # (and arm64) a va_list parameter arrives as a pointer, which vasprintf takes as is
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+
+class _OpenOpts(ctypes.Structure):
+    """struct bpf_object_open_opts of libbpf 1.1 (libbpf.h), up to kernel_log_level."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("object_name", ctypes.c_char_p),
+        ("relaxed_maps", ctypes.c_bool),
+        ("pin_root_path", ctypes.c_char_p),
+        ("_attach_prog_fd", ctypes.c_uint32),  # removed field, kept as padding
+        ("kconfig", ctypes.c_char_p),
+        ("btf_custom_path", ctypes.c_char_p),
+        ("kernel_log_buf", ctypes.c_char_p),
+        ("kernel_log_size", ctypes.c_size_t),
+        ("kernel_log_level", ctypes.c_uint32),
+    ]
+
+
+_VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 _lib: ctypes.CDLL | None = None
 _libc: ctypes.CDLL | None = None
@@ -185,8 +207,13 @@ class BpfObject:
         if not path.is_file():
             raise ProbeLoadError(label, errno_mod.ENOENT, f"{path}: no such file", what="open")
         lib = _libbpf()
+        opts = None
+        if not capabilities.has(capabilities.CAP_SYS_ADMIN) and Path(_VMLINUX_BTF).exists():
+            # CO-RE candidates from vmlinux only: libbpf 1.1 would list the modules' BTF for a
+            # type vmlinux lacks (a ___old flavour), which needs CAP_SYS_ADMIN (capabilities.py)
+            opts = _OpenOpts(sz=ctypes.sizeof(_OpenOpts), btf_custom_path=_VMLINUX_BTF.encode())
         with _capture_libbpf_log() as log:
-            ptr = lib.bpf_object__open_file(str(path).encode(), None)
+            ptr = lib.bpf_object__open_file(str(path).encode(), ctypes.byref(opts) if opts else None)
             err = ctypes.get_errno()
         if not ptr:
             raise ProbeLoadError(label, err or errno_mod.EINVAL, "".join(log), what="open")

@@ -62,8 +62,15 @@ class StatusReporter:
         written = f" | rows written {self.ingest.stats.total('rows_inserted')}" if self.ingest else ""
         disabled = [p.name for p in self.agent.status.values() if not p.running]
         off = f" | disabled: {','.join(disabled)}" if disabled else ""
+        spool = ""
+        status = getattr(self.agent.sink, "status", None)
+        if status is not None:
+            sp = status()
+            evicted = sum(v for k, v in sink.items() if k.endswith(".rows_spool_evicted"))
+            spool = (f" | spool {sp['batches']} batches {sp['bytes'] / 2**20:.1f} MiB"
+                     f"{'' if sp['connected'] else ' (broker unreachable)'} evicted rows {evicted}")  # fmt: skip
         return (f"{rates} | rows shipped {shipped}{written} | drops kernel {kernel_drop} "
-                f"agent {agent_drop}{off}")  # fmt: skip
+                f"agent {agent_drop}{spool}{off}")  # fmt: skip
 
     def report(self, final: bool = False) -> None:
         text = self.line()

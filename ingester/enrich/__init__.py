@@ -156,9 +156,14 @@ def map_column(maps: list[dict[str, str]], row_key: np.ndarray) -> MapColumn:
 def _distinct(columns: list[StringColumn], rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows' distinct combinations of dictionary indexes: (first row of each, each row's key)."""
     key = np.zeros(rows, np.int64)
-    for col in columns:  # pairwise, so the combined key never exceeds rows * dictionary size
-        _, key = np.unique(key * max(len(col.offsets), 1) + col.index, return_inverse=True)
-        key = key.ravel().astype(np.int64)
+    sizes = [max(len(col.offsets), 1) for col in columns]
+    if np.prod(sizes, dtype=object) < 1 << 62:  # one mixed-radix key over all the dictionaries
+        for col, size in zip(columns, sizes, strict=True):
+            key = key * size + col.index
+    else:  # pairwise, so the combined key never exceeds rows * dictionary size
+        for col, size in zip(columns, sizes, strict=True):
+            _, key = np.unique(key * size + col.index, return_inverse=True)
+            key = key.ravel().astype(np.int64)
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     return first, inverse.ravel()
 

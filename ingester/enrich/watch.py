@@ -4,8 +4,9 @@ Per resource: list (all namespaces; pods through the configured selectors), then
 from the list's resourceVersion, following the version of every event. A watch the API
 server ends is resumed from the last version; `410 Gone` (the version was compacted away,
 as an HTTP status or as an ERROR event in the stream) means events were missed, so the
-resource is listed again and the cache synced to it. Connection errors back off
-exponentially (capped) and never touch the cache: known pods keep resolving.
+resource is listed again and the cache synced to it. Other errors back off exponentially
+(capped) and list again once the server answers; they never empty the cache: known pods
+keep resolving meanwhile.
 
 lightkube is the client: asyncio-native over httpx, msgspec-decoded models (fast for large
 lists), the list's resourceVersion exposed and the watch's resource_version settable, so
@@ -254,17 +255,19 @@ class KubernetesWatch:
                     self.counters["relists_410"] += 1
                     version = None
                     continue
-                if code == 403 and name != "pods":
+                if code in (403, 404) and name != "pods":
                     log.warning(
-                        "kubernetes: no permission to list/watch %s (%s): %s; grant it in the ClusterRole "
-                        "(README, Kubernetes)", name, first_line(e),
+                        "kubernetes: cannot list/watch %s (%s): %s; grant it in the ClusterRole "
+                        "(README, Kubernetes identity)", name, first_line(e),
                         "workloads of ReplicaSet pods fall back to the pod-template-hash naming rule"
                         if name == "replicasets" else "a CronJob's pods show their Job as the workload",
                     )  # fmt: skip
                     return
                 await self._failed(name, e, backoff)
+                version = None
             except (httpx.HTTPError, OSError, ValueError) as e:
                 await self._failed(name, e, backoff)
+                version = None  # list again once it answers: that is also when it counts as reachable
 
     async def _failed(self, name: str, e: BaseException, backoff: Backoff) -> None:
         self.counters["errors"] += 1

@@ -91,6 +91,8 @@ class Stream:
     struct: str  # record type in the object's BTF, e.g. "process_exec_event"
     stats_index: int  # slot of this stream in the probe's per-CPU stats array
     columns: ColumnBuilder  # records -> the columns of the stream's <Stream>Batch message
+    # byte-string columns of command-line text whose secrets the agent masks (node_agent.redact)
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,7 @@ PROBE = Probe(
     name="process",
     object_file="process.bpf.o",
     streams=(
-        Stream("process_exec", "process_exec_events", "process_exec_event", 0, exec_columns),
+        Stream("process_exec", "process_exec_events", "process_exec_event", 0, exec_columns, redact=("args",)),
         Stream("process_exit", "process_exit_events", "process_exit_event", 1, exit_columns),
     ),
     hooks=(

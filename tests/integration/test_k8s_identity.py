@@ -83,7 +83,7 @@ def cluster(kafka_broker, bpf_objects, tmp_path_factory: pytest.TempPathFactory)
         )  # fmt: skip
         agent = FleetscopeProcess(
             "agent", "--brokers", kafka_broker.bootstrap, "--topic-prefix", prefix, "--bpf-dir", str(bpf_objects),
-            log=tmp / "agent.log",
+            "--spool-dir", str(tmp / "spool"), log=tmp / "agent.log",
         )  # fmt: skip
         with ingest, agent:
             agent.wait_for_log("probe process running", 60)

@@ -214,7 +214,8 @@ def assert_connection(client: ReceivedSpan, server: ReceivedSpan, ex: Exchange, 
 def test_batches_are_traced_from_agent_through_kafka_to_commit(kafka_broker, bpf_objects, tmp_path: Path) -> None:
     with otlp_receiver() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, **FAST_EXPORT}
-        tracing = ("--otlp-protocol", "http/protobuf", "--trace-sample-ratio", "1.0")
+        # own topics: rows of this test must not reach tests that read the default ones
+        tracing = ("--otlp-protocol", "http/protobuf", "--trace-sample-ratio", "1.0", "--topic-prefix", "otel-trace")
         ingest = FleetscopeProcess(
             "ingest",
             "--brokers",
@@ -253,7 +254,7 @@ def test_batches_are_traced_from_agent_through_kafka_to_commit(kafka_broker, bpf
         assert agent.returncode == 0 and ingest.returncode == 0
         got = list(receiver.spans)
     assert_pipeline_trace(got, "process_exec", ["decode", "enrich", "insert", "commit"])
-    consumer = next(s for s in got if s.kind == "consumer" and s.name == "process fleetscope.process_exec.v1")
+    consumer = next(s for s in got if s.kind == "consumer" and s.name == "process otel-trace.process_exec.v1")
     assert consumer.attributes["messaging.system"] == "kafka"
     send = next(s for s in got if s.span_id == consumer.parent_span_id)
-    assert send.attributes["messaging.destination.name"] == "fleetscope.process_exec.v1"
+    assert send.attributes["messaging.destination.name"] == "otel-trace.process_exec.v1"

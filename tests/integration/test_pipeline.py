@@ -54,50 +54,55 @@ def assert_marker_rows(data_dir: Path, marker: str, expected: dict[int, tuple[in
         assert args == f"/bin/sh -c exit {code} {marker}-{i}"
     exits = query(
         data_dir,
-        "SELECT pid, exit_code, signal, duration_ns FROM fleet.process_exit "
-        f"WHERE pid IN (SELECT pid FROM fleet.process_exec WHERE position(args, '{marker}') > 0)",
+        # pid_max may be small (32768 here): a marker's pid can be reused by a later process,
+        # so an exit counts only if it is a child of this test, after the marker's exec
+        "SELECT x.pid, x.exit_code, x.signal, x.duration_ns FROM fleet.process_exit AS x "
+        "INNER JOIN (SELECT pid, time FROM fleet.process_exec WHERE position(args, "
+        f"'{marker}') > 0) AS e ON x.pid = e.pid WHERE x.time >= e.time AND x.ppid = {me}",
     )
     assert len(exits) == N
     assert {int(r[0]): int(r[1]) for r in exits} == {pid: code for pid, (_, code) in expected.items()}
     assert all(r[2] == "0" and int(r[3]) > 0 for r in exits)
     batches = query(
         data_dir,
-        "SELECT stream, count(), uniqExact(sequence), max(sequence) FROM fleet.batches GROUP BY stream",
+        "SELECT stream, count(), uniqExact(sequence), max(sequence) FROM fleet.batches GROUP BY stream, epoch",
     )
     for stream, n, uniq, top in batches:
         assert n == uniq == top, f"{stream}: batch sequence has gaps or duplicates"
 
 
-async def marker_offsets(bootstrap: str, marker: str, want: int) -> dict[TopicPartition, int]:
-    """Read the topics like an ingester would, until `want` marker rows of each stream
-    were produced; returns, per partition, the offset after the last message holding one."""
+async def marker_offsets(
+    bootstrap: str, prefix: str, marker: str, expected: dict[int, tuple[int, int]]
+) -> dict[TopicPartition, int]:
+    """Read the topics like an ingester would, until every marker process's exec and exit
+    were produced; returns, per partition, the offset after the last message holding one.
+    Exit rows are recognised by pid and parent (this test), exec rows by the marker."""
     consumer = AIOKafkaConsumer(
-        "fleetscope.process_exec.v1", "fleetscope.process_exit.v1",
+        f"{prefix}.process_exec.v1", f"{prefix}.process_exit.v1",
         bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
     )  # fmt: skip
     await consumer.start()
-    seen = {"process_exec": 0, "process_exit": 0}
-    pids: set[int] = set()
+    me = os.getpid()
+    seen: dict[str, set[int]] = {"process_exec": set(), "process_exit": set()}
     last: dict[TopicPartition, int] = {}
     try:
         deadline = time.monotonic() + 60
-        while min(seen.values()) < want and time.monotonic() < deadline:
+        while min(len(v) for v in seen.values()) < len(expected) and time.monotonic() < deadline:
             for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
                 for m in msgs:
-                    stream = m.topic.split(".")[1]
+                    stream = m.topic.split(".")[-2]
                     batch = decode_batch(SCHEMAS[stream], m.value)
+                    pids, ppids = batch.columns["pid"].tolist(), batch.columns["ppid"].tolist()
                     if stream == "process_exec":
-                        args = batch.columns["args"].decoded()
-                        hit = [marker in a for a in args]
-                        pids.update(int(p) for p, h in zip(batch.columns["pid"], hit, strict=True) if h)
+                        hits = {p for p, a in zip(pids, batch.columns["args"].decoded(), strict=True) if marker in a}
                     else:
-                        hit = [int(p) in pids for p in batch.columns["pid"]]
-                    if any(hit):
-                        seen[stream] += sum(hit)
+                        hits = {p for p, pp in zip(pids, ppids, strict=True) if pp == me and p in expected}
+                    if hits:
+                        seen[stream] |= hits
                         last[tp] = m.offset + 1
     finally:
         await consumer.stop()
-    assert seen == {"process_exec": want, "process_exit": want}
+    assert {k: len(v) for k, v in seen.items()} == {"process_exec": len(expected), "process_exit": len(expected)}
     return last
 
 
@@ -125,13 +130,15 @@ async def wait_committed(
 async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tmp_path: Path) -> None:
     data_dir = tmp_path / "store"
     brokers = kafka_broker.bootstrap
-    group = f"pipeline-{uuid.uuid4().hex[:8]}"  # a fresh group: no stale members from other tests to wait out
+    # a fresh group and topics: no stale members to wait out, no other test's batches
+    group = prefix = f"pipeline-{uuid.uuid4().hex[:8]}"
     ingest = FleetscopeProcess(
         "ingest", "--brokers", brokers, "--clickhouse", f"chdb://{data_dir}", "--group-id", group,
-        log=tmp_path / "ingest.log",
+        "--topic-prefix", prefix, log=tmp_path / "ingest.log",
     )  # fmt: skip
     agent = FleetscopeProcess(
         "agent", "--brokers", brokers, "--bpf-dir", str(bpf_objects), "--status-interval", "1s",
+        "--topic-prefix", prefix, "--status-listen", "off",
         log=tmp_path / "agent.log",
     )  # fmt: skip
     with ingest, agent:
@@ -140,7 +147,7 @@ async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tm
         marker = f"fsmark-{uuid.uuid4().hex[:12]}"
         expected = spawn_markers(N, marker)
         last_exit = time.monotonic()
-        offsets = await marker_offsets(brokers, marker, N)
+        offsets = await marker_offsets(brokers, prefix, marker, expected)
         visible = await wait_committed(brokers, group, offsets, 60)
         latency = visible - last_exit
         print(f"exec->row latency for the last of {N} processes: {latency:.2f}s")

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -34,7 +35,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.structs import TopicPartition
 
-__all__ = ["CLUSTER_ID", "REPO_ROOT", "KafkaBroker", "KafkaBrokerError"]
+__all__ = ["CLUSTER_ID", "REPO_ROOT", "KafkaBroker", "KafkaBrokerError", "SaslSslListener"]
 
 T = TypeVar("T")
 
@@ -45,6 +46,7 @@ CLUSTER_ID = "ZmxlZXRzY29wZS10ZXN0LQ"
 """Fixed KRaft cluster id (base64url of the 16 bytes ``fleetscope-test-``)."""
 
 NODE_ID = 1
+SCRAM_LOGIN_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
 DEFAULT_LOG4J_CONFIG = REPO_ROOT / "tools" / "kafka" / "log4j2.properties"
 
 _TOPIC_ALREADY_EXISTS = 36
@@ -53,6 +55,23 @@ _PR_SET_PDEATHSIG = 1
 
 class KafkaBrokerError(RuntimeError):
     """The broker could not be formatted, started or used."""
+
+
+@dataclass(frozen=True)
+class SaslSslListener:
+    """A second client listener, SASL_SSL with SCRAM-SHA-512 logins (beside PLAINTEXT).
+
+    The SCRAM users are written into the KRaft metadata when the storage is formatted
+    (``kafka-storage format --add-scram``), so they apply to a fresh ``log_dir`` only.
+    """
+
+    keystore: Path  # PKCS12: the broker's key, its certificate and the chain
+    keystore_password: str
+    scram_users: Mapping[str, str] = field(default_factory=dict)  # user -> password
+    truststore: Path | None = None  # PEM CA certificates that client certificates must chain to
+    client_auth: str = "none"  # ssl.client.auth: none, requested or required
+    port: int | None = None  # None: a free one, kept across restarts
+    advertised_port: int | None = None  # what metadata tells clients (e.g. a proxy in front)
 
 
 def find_java() -> str | None:
@@ -150,6 +169,7 @@ class KafkaBroker:
         java: ``java`` launcher; default ``$JAVA_HOME/bin/java`` or the one on PATH.
         jvm_options: Extra JVM options for the broker (e.g. ``-XX:TieredStopAtLevel=1``
             starts it about 0.5 s sooner at the cost of peak throughput).
+        sasl_ssl: An extra SASL_SSL listener (TLS + SCRAM-SHA-512), see :class:`SaslSslListener`.
     """
 
     def __init__(
@@ -163,6 +183,7 @@ class KafkaBroker:
         log4j_config: Path = DEFAULT_LOG4J_CONFIG,
         java: str | None = None,
         jvm_options: Sequence[str] = (),
+        sasl_ssl: SaslSslListener | None = None,
     ) -> None:
         self.log_dir = Path(log_dir).resolve()
         self.libs_dir = Path(libs_dir).resolve()
@@ -173,6 +194,8 @@ class KafkaBroker:
         self.jvm_options = list(jvm_options)
         self._port = port
         self._controller_port: int | None = None
+        self.sasl_ssl = sasl_ssl
+        self._sasl_ssl_port: int | None = sasl_ssl.port if sasl_ssl else None
         self._proc: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
         """Wall time of the last successful :meth:`start`, launch to ready."""
@@ -205,6 +228,13 @@ class KafkaBroker:
     def bootstrap(self) -> str:
         """``bootstrap_servers`` for clients: ``"127.0.0.1:PORT"``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_ssl_port(self) -> int:
+        """The SASL_SSL listener's port; known after the first :meth:`start` unless given."""
+        if self._sasl_ssl_port is None:
+            raise KafkaBrokerError("the broker has no SASL_SSL listener (or no port yet: call start() first)")
+        return self._sasl_ssl_port
 
     @property
     def pid(self) -> int | None:
@@ -358,6 +388,8 @@ class KafkaBroker:
             self._port = pick_free_port()
         if self._controller_port is None:
             self._controller_port = pick_free_port(exclude=frozenset({self._port}))
+        if self.sasl_ssl is not None and self._sasl_ssl_port is None:
+            self._sasl_ssl_port = pick_free_port(exclude=frozenset({self._port, self._controller_port}))
 
     def _jvm_flags(self) -> list[str]:
         return [
@@ -400,12 +432,37 @@ class KafkaBroker:
             "num.recovery.threads.per.data.dir": 1,
             "log.segment.bytes": 16 * 1024 * 1024,
         }
+        if self.sasl_ssl is not None:
+            props.update(self._sasl_ssl_properties())
         props.update(self.overrides)
         lines = ["# Written by tests/support/kafka_broker.py before each start."]
         for key, value in props.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)
             lines.append(f"{key}={text}")
         return "\n".join(lines) + "\n"
+
+    def _sasl_ssl_properties(self) -> dict[str, str | int | bool]:
+        listener = self.sasl_ssl
+        assert listener is not None
+        sport = self.sasl_ssl_port
+        prefix = "listener.name.sasl_ssl."
+        props: dict[str, str | int | bool] = {
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},SASL_SSL://127.0.0.1:{sport},"
+            f"CONTROLLER://127.0.0.1:{self._controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
+            f"SASL_SSL://127.0.0.1:{listener.advertised_port or sport}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            prefix + "scram-sha-512.sasl.jaas.config": f"{SCRAM_LOGIN_MODULE} required;",
+            prefix + "ssl.keystore.type": "PKCS12",
+            prefix + "ssl.keystore.location": str(listener.keystore),
+            prefix + "ssl.keystore.password": listener.keystore_password,
+            prefix + "ssl.client.auth": listener.client_auth,
+        }
+        if listener.truststore is not None:
+            props[prefix + "ssl.truststore.type"] = "PEM"
+            props[prefix + "ssl.truststore.location"] = str(listener.truststore)
+        return props
 
     def _format(self, java: str) -> None:
         """Format the KRaft storage with the fixed cluster id (first start only)."""
@@ -424,6 +481,7 @@ class KafkaBroker:
                 "--config",
                 str(self.config_path),
                 "--ignore-formatted",
+                *self._scram_arguments(),
             ],
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -437,6 +495,10 @@ class KafkaBroker:
                 f"formatting {self.data_dir} failed ({result.returncode}):\n"
                 f"{result.stdout}{result.stderr}"
             )
+
+    def _scram_arguments(self) -> list[str]:
+        users = self.sasl_ssl.scram_users if self.sasl_ssl else {}
+        return [a for u, p in users.items() for a in ("--add-scram", f"SCRAM-SHA-512=[name={u},password={p}]")]
 
     def _wait_ready(self, deadline: float) -> None:
         while True:

@@ -17,6 +17,10 @@ class FleetscopeProcess:
     def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.args, self.log_path = args, log
         self.env = {**os.environ, **(env or {})}
+        if args[:1] == ("agent",) and "--spool-dir" not in args:
+            # an agent's disk spool is private to it (locked): never the machine's default
+            # /var/lib/fleetscope/spool, which agents of other test runs may hold
+            self.env.setdefault("FLEETSCOPE_SPOOL_DIR", str(log.with_suffix(".spool")))
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.returncode: int | None = None

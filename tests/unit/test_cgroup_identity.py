@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,11 @@ def test_resolver_maps_inodes_and_keeps_vanished_cgroups(tmp_path: Path) -> None
     pod = f"kubepods/burstable/pod{UID}"
     ids = tree(tmp_path, pod, f"{pod}/{CID}")
     r = CgroupResolver(tmp_path, min_rewalk=0)
+    r.observe(np.array([ids[pod]], np.uint64))  # the first lookup walks
     # a container created after the first walk is found by walking again on the miss
     new = f"{pod}/{'f' * 64}"
     ids |= tree(tmp_path, new)
+    time.sleep(0.05)  # walks are at least 10 walk durations apart
     r.observe(np.array([ids[new], ids[f"{pod}/{CID}"]], np.uint64))
     assert r.stats.walks == 2
     # gone before its batch is cut: still resolved from the cache of seen ids

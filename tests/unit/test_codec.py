@@ -116,3 +116,109 @@ def test_schema_columns_come_from_the_proto() -> None:
     cols = {c.name: c for c in SCHEMAS["process_exit"].columns}
     assert cols["exit_code"].dtype == np.dtype("<i4") and cols["comm"].dtype is None
     assert codec.SCHEMAS["process_exec"].topic_suffix == "process_exec.v1"
+
+
+# --- schema evolution within v1 ---------------------------------------------------------------
+
+
+def _evolved_exit_schema() -> codec.StreamSchema:
+    """ProcessExitBatch as a later minor (2) would define it: a numeric column (150, fixed64,
+    2 per row) and a string column (151) added with since_minor = 2, built as a real
+    protobuf descriptor so the codec reads the options as it reads batch.proto's."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fdp = descriptor_pb2.FileDescriptorProto(name="fleetscope_test/evolved_exit.proto", package="fleetscope_test",
+                                             syntax="proto3", dependency=["fleetscope/v1/batch.proto"])  # fmt: skip
+    process_pb2.ProcessExitBatch.DESCRIPTOR.CopyToProto(msg := fdp.message_type.add())
+    added = msg.field.add(name="weight", number=150, label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+                          type=descriptor_pb2.FieldDescriptorProto.TYPE_FIXED64)  # fmt: skip
+    added.options.Extensions[batch_pb2.per_row] = 2
+    added.options.Extensions[batch_pb2.since_minor] = 2
+    label = msg.field.add(name="label", number=151, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+                          type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+                          type_name=".fleetscope.v1.StringColumn")  # fmt: skip
+    label.options.Extensions[batch_pb2.since_minor] = 2
+    pool = descriptor_pool.Default()  # batch.proto's options live there
+    try:
+        desc = pool.FindMessageTypeByName("fleetscope_test.ProcessExitBatch")
+    except KeyError:  # first use in this process
+        pool.Add(fdp)
+        desc = pool.FindMessageTypeByName("fleetscope_test.ProcessExitBatch")
+    return codec._schema_from_descriptor("process_exit", message_factory.GetMessageClass(desc))
+
+
+def exit_columns(n: int) -> dict[str, np.ndarray]:
+    return {
+        "time": np.arange(n, dtype=np.uint64), "pid": np.arange(n, dtype=np.uint32) + 100,
+        "ppid": np.ones(n, np.uint32), "cgroup_id": np.full(n, 7, np.uint64),
+        "comm": np.array([b"sh", b"ls"] * n, dtype="S16")[:n], "exit_code": np.arange(n, dtype=np.int32),
+        "signal": np.zeros(n, np.uint32), "duration_ns": np.full(n, 5, np.uint64),
+    }  # fmt: skip
+
+
+def test_since_minor_is_read_from_the_field_options() -> None:
+    cols = {c.name: c for c in _evolved_exit_schema().columns}
+    assert (cols["weight"].since_minor, cols["weight"].per_row, cols["label"].since_minor) == (2, 2, 2)
+    assert cols["pid"].since_minor == 0 and not cols["weight"].omittable
+
+
+def test_batch_from_a_newer_minor_decodes_its_known_columns() -> None:
+    """A writer at minor 2 adds columns this reader (minor 1) does not know: skipped."""
+    newer = _evolved_exit_schema()
+    h = header("process_exit", 4)
+    h.schema_minor = 2
+    cols = {**exit_columns(4), "weight": np.arange(8, dtype=np.uint64),
+            "label": np.array([b"x", b"y", b"x", b"z"], dtype="S4")}  # fmt: skip
+    out = decode_batch(SCHEMAS["process_exit"], encode_batch(newer, h, cols))
+    assert out.columns["pid"].tolist() == [100, 101, 102, 103]
+    assert out.columns["comm"].decoded().tolist() == ["sh", "ls", "sh", "ls"]
+    assert "weight" not in out.columns and out.header.schema_minor == 2
+
+
+def test_batch_from_the_previous_minor_gets_defaults_for_later_columns() -> None:
+    """A reader at minor 2 reads a minor-1 batch (without the minor-2 columns): zeros and ""."""
+    newer = _evolved_exit_schema()
+    h = header("process_exit", 3)
+    h.schema_minor = 1
+    out = decode_batch(newer, encode_batch(SCHEMAS["process_exit"], h, exit_columns(3)))
+    assert out.columns["weight"].shape == (3, 2) and not out.columns["weight"].any()
+    assert out.columns["label"].decoded().tolist() == ["", "", ""]
+    assert out.columns["exit_code"].tolist() == [0, 1, 2]
+
+
+def test_a_batch_of_the_columns_minor_that_lacks_it_is_truncated() -> None:
+    newer = _evolved_exit_schema()
+    h = header("process_exit", 3)
+    h.schema_minor = 2  # says it was written with the column, yet it is not there
+    wire = encode_batch(SCHEMAS["process_exit"], h, exit_columns(3))
+    with pytest.raises(BatchDecodeError, match="weight"):
+        decode_batch(newer, wire)
+    short = {**exit_columns(3), "weight": np.arange(5, dtype=np.uint64), "label": np.array([b"a"] * 3, "S1")}
+    with pytest.raises(ValueError, match="weight"):  # the encoder refuses too
+        encode_batch(newer, h, short)
+
+
+def test_version_1_0_batch_without_identity_columns_decodes() -> None:
+    """The identity columns came with minor 1 (omittable): a minor-0 batch has none."""
+    h = header("process_exec", 2)
+    h.schema_minor = 0
+    cols = exec_columns(2)
+    out = decode_batch(SCHEMAS["process_exec"], encode_batch(SCHEMAS["process_exec"], h, cols))
+    assert out.columns["container_id"].decoded().tolist() == ["", ""]
+    assert out.columns["pid"].tolist() == cols["pid"].tolist()
+
+
+def test_present_but_short_columns_are_rejected_whatever_the_minor() -> None:
+    h = header("process_exit", 3)
+    h.schema_minor = 0
+    msg = process_pb2.ProcessExitBatch.FromString(encode_batch(SCHEMAS["process_exit"], h, exit_columns(3)))
+    del msg.pid[-1]
+    with pytest.raises(BatchDecodeError, match="pid: 2 values for 3 rows"):
+        decode_batch(SCHEMAS["process_exit"], msg.SerializeToString())
+
+
+def test_header_strings_are_bounded() -> None:
+    h = header("process_exit", 1)
+    h.node.host_name = "n" * 5000
+    with pytest.raises(BatchDecodeError, match="host_name of 5000 characters"):
+        decode_batch(SCHEMAS["process_exit"], encode_batch(SCHEMAS["process_exit"], h, exit_columns(1)))
