@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -211,7 +212,8 @@ def children_cpu() -> float:
 
 
 class Broker:
-    """One Kafka broker for all runs of a benchmark (its JVM is not what is measured)."""
+    """One Kafka broker for all runs of a benchmark (its JVM is not what is measured); its
+    directory (data, agent logs and spools) is removed afterwards unless FSBENCH_KEEP is set."""
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="fsbench-"))
@@ -223,6 +225,8 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.broker.stop()
+        if not os.environ.get("FSBENCH_KEEP"):  # the broker's data, agent logs and spools
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     @property
     def bootstrap(self) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -275,6 +276,8 @@ def main() -> None:
         rest = statistics.median([(used - sum(c[k] for k in keys)) / used for used, c in breakdown[size]])
         rows_per = sum(b.rows for b in shapes[size]) / n_batches
         out.append(f"  {rows_per:>10,.0f} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {cells[3]:>15} {rest:>6.0%}")
+    loader.close()
+    shutil.rmtree(store, ignore_errors=True)
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out) + "\n")

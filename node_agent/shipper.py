@@ -171,20 +171,25 @@ def fast_lz4() -> None:
     brokers and consumers read it unchanged. aiokafka offers no setting for the level, so
     the record builder's reference to its codec function is replaced.
     """
-    from aiokafka.codec import lz4_encode
+    from aiokafka import codec
 
+    if codec.lz4_encode is None:  # no lz4 codec installed: nothing to speed up
+        return
+    lz4_encode: Callable[..., bytes] = codec.lz4_encode
+    fast: Callable[..., bytes] = functools.partial(lz4_encode, level=FAST_LZ4_LEVEL)
     for name in ("aiokafka.record._crecords.default_records", "aiokafka.record.default_records"):
         try:
             module = importlib.import_module(name)
         except ImportError:  # the C extension is optional (AIOKAFKA_NO_EXTENSIONS)
             continue
         if getattr(module, "lz4_encode", None) is lz4_encode:
-            module.lz4_encode = functools.partial(lz4_encode, level=FAST_LZ4_LEVEL)
+            setattr(module, "lz4_encode", fast)  # noqa: B010 - a module attribute the stubs do not know
 
 
 MAX_IN_FLIGHT = 8  # batches handed to the producer at once; see KafkaSink
 RECONNECT_CAP = 5.0  # seconds: the longest wait between two connection attempts
 SYNC_INTERVAL = 1.0  # seconds between spool checkpoints (cursor, fdatasync of unacknowledged data)
+STALL_SECONDS = 10.0  # a send unanswered this long means the broker is unreachable or too slow
 # per-message errors: the broker will never take this batch; it is counted as lost ("rejected")
 _REJECTED = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException)
 
@@ -193,6 +198,7 @@ _REJECTED = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeEr
 class _InFlight:
     record: SpoolRecord
     future: asyncio.Future[Any] | None  # None: send() itself failed
+    sent: float = dataclasses.field(default_factory=time.monotonic)
     span: contextlib.AbstractContextManager[list[tuple[str, bytes]]] | None = None
     error: BaseException | None = None
 
@@ -230,7 +236,7 @@ class KafkaSink:
         self.max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
         self._producer: AIOKafkaProducer | None = None
-        self.connected = False
+        self._started = False  # the producer connected; see connected
         self.failure: BaseException | None = None
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._retry: collections.deque[SpoolRecord] = collections.deque()  # failed sends, resent first
@@ -255,9 +261,11 @@ class KafkaSink:
                     **(self.auth.options() if self.auth else {}),  # a fresh TLS context and password
                 )
                 await producer.start()
-            except Exception as e:
+            except BaseException as e:
                 if producer is not None:
-                    await producer.stop()
+                    await producer.stop()  # also when stop() cancels a start: no unclosed producer
+                if not isinstance(e, Exception):
+                    raise
                 delay = backoff.next()
                 self.counters["kafka_connect_retries"] += 1
                 reason = await self.auth.explain(e) if self.auth else first_line(e)
@@ -269,6 +277,19 @@ class KafkaSink:
                      f" ({self.auth.describe()})" if self.auth else "")  # fmt: skip
             self.connected = True
             return producer
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker takes batches: the producer is up and no send waits for an
+        answer longer than STALL_SECONDS (aiokafka keeps retrying a send while the broker
+        is away, so a stopped broker shows as a stalled send, not as an error)."""
+        if not self._started:  # before the first connection, and from a failed send to the next one
+            return False
+        return not self._inflight or time.monotonic() - self._inflight[0].sent < STALL_SECONDS
+
+    @connected.setter
+    def connected(self, value: bool) -> None:
+        self._started = value
 
     def topic(self, stream: str, major: int = SCHEMA_MAJOR) -> str:
         return f"{self.topic_prefix}.{stream}.v{major}"
@@ -324,6 +345,10 @@ class KafkaSink:
             "last_error": self.spool.last_error,
         }  # fmt: skip
 
+    async def wait_drained(self) -> None:
+        """Until every spooled batch was acknowledged by Kafka."""
+        await self._drained.wait()
+
     # -- the sender ------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -339,9 +364,8 @@ class KafkaSink:
                     await self._wake.wait()
                 continue
             head = self._inflight[0]
-            if head.future is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(head.future)
+            if head.future is not None and not head.future.done():
+                await self._wait(head)
             if self._settle(head):
                 self._inflight.popleft()
                 backoff = Backoff(cap=RECONNECT_CAP)
@@ -361,6 +385,21 @@ class KafkaSink:
             self._warn("sending %s failed (%s); %d batches to resend, reconnecting in %.1fs",
                        failed[0].record.batch_id, error, len(failed), delay)  # fmt: skip
             await asyncio.sleep(delay)
+
+    async def _wait(self, head: _InFlight) -> None:
+        """Wait for the oldest send; say so when the broker has not answered for a while."""
+        assert head.future is not None
+        stalled = False
+        while not head.future.done():
+            await asyncio.wait([head.future], timeout=STALL_SECONDS)
+            if not head.future.done() and not stalled:
+                stalled = True
+                log.warning("kafka has not acknowledged batch %s for %.0fs (broker unreachable or slow); "
+                            "batches are spooled (%d, %d bytes)", head.record.batch_id, time.monotonic() - head.sent,
+                            self.spool.pending_batches, self.spool.bytes)  # fmt: skip
+        if stalled and head.future.exception() is None:
+            log.info("kafka acknowledged %s after %.0fs; sending the %d spooled batches",
+                     head.record.batch_id, time.monotonic() - head.sent, self.spool.pending_batches)  # fmt: skip
 
     async def _fill(self, producer: AIOKafkaProducer) -> None:
         """Hand records to the producer, in spool order, until max_in_flight are out."""

@@ -30,9 +30,9 @@ does not fit, quarantined files go first, then the oldest segments, whole: their
 not yet handed to the producer are lost, counted per stream as ``rows_dropped`` and
 ``rows_spool_evicted`` (and ``batches_*``). Records of the agent's own ``pipeline_stats``
 stream are moved forward (appended again) instead of evicted, so the counts that explain a
-loss are not lost with it, unless they fill half of the evicted segment (a spool full of
-nothing but counters: then they are lost and counted too). Not thread-safe: one event loop
-owns it.
+loss are not lost with it, while they take at most a quarter of the spool (beyond that,
+weeks of counters with no broker, they are evicted and counted too). Not thread-safe: one
+event loop owns it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ IDLE_ROLL_BYTES = 1 << 20  # a fully acknowledged active segment this big is rol
 QUARANTINE_KEEP = 4
 SYNC_INTERVAL = 1.0  # seconds; see the module docstring
 STATS_STREAM = "pipeline_stats"
-SALVAGE_SHARE = 2  # an evicted segment's pipeline_stats records move forward if they are <= 1/2 of it
+SALVAGE_SHARE = 4  # pipeline_stats records move forward while they take at most max_bytes / 4
 
 # per-stream counters this module adds to (rows_dropped/batches_dropped: every loss)
 EVICTED = "spool_evicted"
@@ -249,7 +249,8 @@ class Spool:
         self._read_seg: int | None = None  # segment and offset of the next record to read
         self._read_off = 0
         self._read_fd: tuple[int, int] | None = None  # (segment, fd)
-        self._unacked: deque[list[Any]] = deque()  # [segment, offset, done] of records read, not acked
+        self._unacked: deque[list[Any]] = deque()  # [segment, offset, done, record] read, not acked
+        self.stats_bytes = 0  # bytes of pipeline_stats records in the spool, not acknowledged
         self._lock_fd: int | None = None
         self._next_id = 1
         self._quarantine: list[tuple[Path, int]] = []  # oldest first, with sizes
@@ -257,6 +258,8 @@ class Spool:
         self._to_sync: list[int] = []  # dups of rolled segments' fds, for the next checkpoint
         self.pending_batches = 0  # records in the spool not yet acknowledged
         self.evicting_since = 0.0  # monotonic time of the last eviction (0: never)
+        self._evict_logged = 0.0
+        self._evicted_unlogged = 0
         self.last_error = ""
 
     # -- start and stop --------------------------------------------------------------------
@@ -303,7 +306,15 @@ class Spool:
                 continue
             if cursor is not None and seg_id == cursor[0]:
                 start = cursor[1]
-            checked = self._check_segment(seg_id, path, start, report)
+            try:
+                checked = self._check_segment(seg_id, path, start, report)
+            except OSError as e:  # unreadable (EIO, permissions): set aside, never fatal
+                checked = None
+                self.counters["spool_files_quarantined"] += 1
+                report.quarantined.append(path.name)  # type: ignore[union-attr]
+                log.error("spool: cannot read %s (%s); moving it to quarantine/, its batches are lost", path, e)
+                with contextlib.suppress(OSError):
+                    os.rename(path, self.dir / "quarantine" / f"{path.name}.{time.time_ns():x}")
             if checked is not None:
                 self._segments[seg_id], read_from = checked
                 if self._read_seg is None:
@@ -327,8 +338,10 @@ class Spool:
         fd = os.open(path, os.O_RDONLY)
         try:
             for r in scan(fd, seg_id, start, size, payload=True):
-                if r.kind == "ok":
-                    good.append((r.record.offset, r.size))  # type: ignore[union-attr]
+                if r.kind == "ok" and r.record is not None:
+                    good.append((r.record.offset, r.size))
+                    if r.record.stream == STATS_STREAM:
+                        self.stats_bytes += r.size
                     continue
                 damaged += 1
                 self._count_damaged(r)
@@ -406,9 +419,9 @@ class Spool:
         """Append one batch (evicting the oldest segments when it does not fit).
         Raises SpoolWriteError when the disk refuses the write."""
         meta = record_meta(stream, batch_id, sequence, rows, created_ns, key, headers, major)
-        self._append(encode_record(meta, payload))
+        self._append(encode_record(meta, payload), stats=stream == STATS_STREAM)
 
-    def _append(self, buffers: list[bytes], salvaging: bool = False) -> None:
+    def _append(self, buffers: list[bytes], stats: bool = False, salvaging: bool = False) -> None:
         size = sum(len(b) for b in buffers)
         if not salvaging:
             self._make_room(size)
@@ -430,6 +443,8 @@ class Spool:
         self._active.size += size
         self._active.unsynced = True
         self.pending_batches += 1
+        if stats:
+            self.stats_bytes += size
         if self._read_seg is None:
             self._read_seg, self._read_off = self._active.id, self._active.size - size
 
@@ -488,9 +503,10 @@ class Spool:
                         self.counters["spool_bytes_unreadable"] += r.size
             finally:
                 os.close(fd)
-        inflight = sum(1 for u in self._unacked if u[0] == seg.id and not u[2])
+        inflight = [u[3] for u in self._unacked if u[0] == seg.id and not u[2]]
+        self.stats_bytes -= sum(r.size for r in (*salvage, *inflight) if r.stream == STATS_STREAM)
         unread = sum(v for k, v in lost.items() if k.endswith("\0batches")) + len(salvage)
-        self.pending_batches -= unread + inflight
+        self.pending_batches -= unread + len(inflight)
         for key, value in lost.items():
             if key.endswith("\0batches"):
                 stream = key[: -len("\0batches")]
@@ -499,16 +515,22 @@ class Spool:
             else:
                 self.counters[f"{key}.rows_dropped"] += value
                 self.counters[f"{key}.rows_{EVICTED}"] += value
+        before = self.bytes
         self._remove(seg)
-        self.evicting_since = time.monotonic()
-        rows = {k: v for k, v in lost.items() if "\0" not in k}
-        log.warning("spool full (%d of %d bytes): evicted segment %s, %d unsent batches lost (rows: %s)",
-                    self.bytes, self.max_bytes, seg.name, unread - len(salvage), rows or "none")  # fmt: skip
-        if salvage and sum(r.size for r in salvage) <= seg.size // SALVAGE_SHARE:
+        now = time.monotonic()
+        self.evicting_since = now
+        self._evicted_unlogged += 1
+        if now - self._evict_logged >= 10.0:  # a line at most every 10 s; the counters count all
+            rows = {k: v for k, v in lost.items() if "\0" not in k}
+            more = f" ({self._evicted_unlogged - 1} more segments since the last message)" if self._evict_logged else ""
+            log.warning("spool full (%d of %d bytes): evicted segment %s, %d unsent batches lost (rows: %s)%s",
+                        before, self.max_bytes, seg.name, unread - len(salvage), rows or "none", more)  # fmt: skip
+            self._evict_logged, self._evicted_unlogged = now, 0
+        if salvage and self.stats_bytes + sum(r.size for r in salvage) <= self.max_bytes // SALVAGE_SHARE:
             for rec in salvage:
                 meta = record_meta(rec.stream, rec.batch_id, rec.sequence, rec.rows, rec.created_ns, rec.key,
                                    rec.headers, rec.major, salvaged=True)  # fmt: skip
-                self._append(encode_record(meta, rec.payload), salvaging=True)
+                self._append(encode_record(meta, rec.payload), stats=True, salvaging=True)
         elif salvage:
             for rec in salvage:
                 for reason in ("dropped", EVICTED):
@@ -550,7 +572,7 @@ class Spool:
             r = read_at(self._read_fd[1], seg.id, self._read_off, seg.size)
             self._read_off += max(r.size, 1)
             if r.kind == "ok" and r.record is not None:
-                self._unacked.append([seg.id, r.record.offset, False])
+                self._unacked.append([seg.id, r.record.offset, False, r.record])
                 return r.record
             self._count_damaged(r)
             if r.record is not None:
@@ -564,6 +586,8 @@ class Spool:
                 u[2] = True
                 if rec.segment in self._segments:
                     self.pending_batches -= 1
+                    if rec.stream == STATS_STREAM:
+                        self.stats_bytes -= rec.size
                 break
         while self._unacked and self._unacked[0][2]:
             self._unacked.popleft()
@@ -585,7 +609,7 @@ class Spool:
 
     def _watermark(self) -> tuple[int, int] | None:
         """The first record not yet acknowledged (None: nothing is pending)."""
-        for seg_id, offset, done in self._unacked:
+        for seg_id, offset, done, _ in self._unacked:
             if not done and seg_id in self._segments:
                 return seg_id, offset
         if self._read_seg is None:

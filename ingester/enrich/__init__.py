@@ -44,16 +44,6 @@ HOST_KIND = "host"
 EXPIRE_INTERVAL = 10.0  # seconds between sweeps of pods deleted longer ago than the grace period
 GIVEN_UP_MAX = 65536  # identities already waited for, remembered so no batch waits for them again
 
-# OpenTelemetry semantic conventions: the resource attribute naming a workload of each kind
-WORKLOAD_ATTRIBUTE = {
-    "Deployment": "k8s.deployment.name",
-    "StatefulSet": "k8s.statefulset.name",
-    "DaemonSet": "k8s.daemonset.name",
-    "ReplicaSet": "k8s.replicaset.name",
-    "Job": "k8s.job.name",
-    "CronJob": "k8s.cronjob.name",
-}
-
 
 @dataclass(frozen=True)
 class RowIdentity:
@@ -74,51 +64,19 @@ class RowIdentity:
         """The Kubernetes fields are complete: the pod was found, or the row has no pod."""
         return self.pod is not None or self.cgroup_kind == HOST_KIND
 
-    def resource_attributes(self) -> dict[str, str]:
-        """OpenTelemetry resource attributes (semantic conventions k8s.*, container.*, host.*)."""
-        attrs = {"host.name": self.host_name}
-        if self.container_id:
-            attrs["container.id"] = self.container_id
-        if self.container_runtime:
-            attrs["container.runtime"] = self.container_runtime
-        pod = self.pod
-        if pod is None:
-            return attrs
-        attrs |= {
-            "k8s.namespace.name": pod.namespace,
-            "k8s.pod.name": pod.name,
-            "k8s.pod.uid": pod.uid,
-        }
-        if pod.node:
-            attrs["k8s.node.name"] = pod.node
-        if self.container_name:
-            attrs["k8s.container.name"] = self.container_name
-        owner = pod.owner
-        if owner is not None and owner.kind in ("ReplicaSet", "Job") and owner.kind != self.workload_kind:
-            attrs[WORKLOAD_ATTRIBUTE[owner.kind]] = owner.name  # the ReplicaSet of a Deployment, ...
-        if self.workload_kind in WORKLOAD_ATTRIBUTE:
-            attrs[WORKLOAD_ATTRIBUTE[self.workload_kind]] = self.workload
-        attrs["service.name"] = pod.service_name or self.workload
-        attrs |= {f"k8s.pod.label.{k}": v for k, v in pod.labels.items()}
-        attrs |= {f"k8s.pod.annotation.{k}": v for k, v in pod.annotations.items()}
-        return attrs
-
 
 @dataclass
 class Enrichment:
     """A batch's Kubernetes identity: `identities[row_key[i]]` is row i's.
 
     `columns` are the table columns to insert with the batch (BatchLoader.insert's extra);
-    `resources()` gives each identity's resource attributes for spans of these rows.
+    the span builder (ingester/spans.py) takes its resource attributes from those columns.
     """
 
     identities: list[RowIdentity]
     row_key: np.ndarray  # intp, one per row
     columns: dict[str, Values] = field(default_factory=dict)
     unenriched: int = 0  # rows with enriched = 0
-
-    def resources(self) -> list[dict[str, str]]:
-        return [i.resource_attributes() for i in self.identities]
 
     @property
     def pending(self) -> list[RowIdentity]:

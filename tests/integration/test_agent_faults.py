@@ -52,12 +52,22 @@ def dead_address() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
-def query(data_dir: Path, sql: str) -> list[list[str]]:
+_QUERIES = """
+import json, sys
+from fleetscope.store import connect
+client = connect("chdb://" + sys.argv[1])
+print(json.dumps([client.query(q).result_rows for q in json.load(sys.stdin)], default=str))
+"""
+
+
+def queries(store: Path, *sqls: str) -> list[list[list[Any]]]:
+    """Rows of each query, from one process that opens the store once (the engine takes
+    seconds to start, and a store has one opener at a time)."""
     out = subprocess.run(
-        [sys.executable, "-m", "fleetscope", "query", "--data-dir", str(data_dir), "--format", "tsv", sql],
-        capture_output=True, text=True, timeout=120, check=True,
+        [sys.executable, "-c", _QUERIES, str(store)], input=json.dumps(sqls),
+        capture_output=True, text=True, timeout=180, check=True, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
-    return [line.split("\t") for line in out.stdout.splitlines()[1:]]
+    return [[list(r) for r in rows] for rows in json.loads(out.stdout)]
 
 
 def status(port: int) -> dict[str, Any]:
@@ -130,35 +140,42 @@ async def wait_ingested(bootstrap: str, prefix: str, within: float = 90) -> None
         await group.stop()
 
 
-def assert_markers_stored_once(store: Path, marker: str, expected: dict[int, tuple[int, int]]) -> None:
-    """One exec row and one exit row per marker process, with its arguments and exit code."""
-    execs = query(store, f"SELECT pid, args FROM fleet.process_exec WHERE position(args, '{marker}') > 0")
+MARKER_EXECS = "SELECT pid, args, time FROM fleet.process_exec WHERE position(args, '{m}') > 0"
+MARKER_EXITS = (
+    "SELECT x.pid, x.exit_code FROM fleet.process_exit AS x INNER JOIN (SELECT pid, time FROM fleet.process_exec "
+    "WHERE position(args, '{m}') > 0) AS e ON x.pid = e.pid WHERE x.time >= e.time AND x.ppid = {me}"
+)
+LOSS = (
+    "SELECT stream, sum(kernel_emitted), sum(kernel_dropped), sum(agent_dropped), sum(stored), sum(sequence_gaps), "
+    "sum(duplicates), sum(spool_evicted) FROM fleet.pipeline_loss GROUP BY stream"
+)
+
+
+def marker_queries(marker: str) -> tuple[str, str]:
+    return MARKER_EXECS.format(m=marker), MARKER_EXITS.format(m=marker, me=os.getpid())
+
+
+def assert_markers_stored_once(execs: list[list[Any]], exits: list[list[Any]], marker: str,
+                               expected: dict[int, tuple[int, int]]) -> None:  # fmt: skip
+    """One exec row and one exit row per marker process, with its arguments and exit code
+    (rows of marker_queries(marker), narrowed to this marker's own arguments)."""
+    execs = [r for r in execs if r[1].endswith(tuple(f" {marker}-{i}" for i, _ in expected.values()))]
     assert len(execs) == len(expected), f"{len(execs)} exec rows for {len(expected)} marker processes"
-    got = {int(pid): args for pid, args in execs}
-    assert got == {pid: f"/bin/sh -c exit {code} {marker}-{i}" for pid, (i, code) in expected.items()}
-    exits = query(
-        store,
-        "SELECT x.pid, x.exit_code FROM fleet.process_exit AS x INNER JOIN (SELECT pid, time FROM "
-        f"fleet.process_exec WHERE position(args, '{marker}') > 0) AS e ON x.pid = e.pid "
-        f"WHERE x.time >= e.time AND x.ppid = {os.getpid()}",
-    )
-    assert {int(p): int(c) for p, c in exits} == {pid: code for pid, (_, code) in expected.items()}
-    assert len(exits) == len(expected)
+    assert {int(pid): args for pid, args, _ in execs} == {
+        pid: f"/bin/sh -c exit {code} {marker}-{i}" for pid, (i, code) in expected.items()
+    }
+    mine = [r for r in exits if int(r[0]) in expected]
+    assert len(mine) == len(expected)
+    assert {int(p): int(c) for p, c in mine} == {pid: code for pid, (_, code) in expected.items()}
 
 
-def loss(store: Path) -> dict[str, list[int]]:
-    """fleet.pipeline_loss summed per stream: emitted, kernel dropped, agent dropped,
-    stored, gaps, duplicates, spool evicted."""
-    rows = query(
-        store,
-        "SELECT stream, sum(kernel_emitted), sum(kernel_dropped), sum(agent_dropped), sum(stored), "
-        "sum(sequence_gaps), sum(duplicates), sum(spool_evicted) FROM fleet.pipeline_loss GROUP BY stream",
-    )
+def loss_totals(rows: list[list[Any]]) -> dict[str, list[int]]:
+    """LOSS rows per stream: emitted, kernel dropped, agent dropped, stored, gaps,
+    duplicates, spool evicted."""
     return {r[0]: [int(v) for v in r[1:]] for r in rows}
 
 
-def assert_nothing_lost(store: Path) -> None:
-    totals = loss(store)
+def assert_nothing_lost(totals: dict[str, list[int]]) -> None:
     assert {"process_exec", "process_exit", "pipeline_stats"} <= set(totals), totals
     for stream, (emitted, dropped, agent_dropped, stored, gaps, dups, evicted) in totals.items():
         assert gaps == dups == agent_dropped == evicted == 0, (stream, totals)
@@ -191,12 +208,14 @@ def test_broker_stopped_for_a_minute(own_broker: KafkaBroker, bpf_objects: Path,
         expected = spawn_markers(100, marker)  # before
         stopped = time.monotonic()
         own_broker.stop()
-        expected |= {pid: (i + 100, c) for pid, (i, c) in spawn_markers(300, f"{marker}-b").items()}  # during
-        wait_status(port, agent, lambda d: d["spool"]["batches"] > 0 and not d["spool"]["connected"], 45,
-                    "batches spooled while the broker is away")  # fmt: skip
-        time.sleep(max(0.0, stopped + OUTAGE_SECONDS - time.monotonic()))
-        own_broker.start()  # same port, same log directory
-        after = spawn_markers(100, f"{marker}-c")  # after
+        try:
+            during = spawn_markers(300, f"{marker}-b")
+            wait_status(port, agent, lambda d: d["spool"]["batches"] > 0 and not d["spool"]["connected"], 45,
+                        "batches spooled while the broker is away")  # fmt: skip
+            time.sleep(max(0.0, stopped + OUTAGE_SECONDS - time.monotonic()))
+        finally:
+            own_broker.start()  # same port, same log directory
+        after = spawn_markers(100, f"{marker}-c")
         wait_status(port, agent, lambda d: d["spool"]["batches"] == 0 and d["spool"]["connected"], 60,
                     "the spool delivered")  # fmt: skip
         agent.stop()
@@ -204,15 +223,13 @@ def test_broker_stopped_for_a_minute(own_broker: KafkaBroker, bpf_objects: Path,
         ingest.stop()
     assert agent.returncode == 0 and ingest.returncode == 0, agent.log_text()[-3000:]
     assert "batches are spooled" in agent.log_text()
-    # markers of the three phases, by their own prefixes (marker-b-..., marker-c-...)
-    assert_markers_stored_once(store, f"{marker}-c", after)
-    during = {pid: (i - 100, c) for pid, (i, c) in expected.items() if i >= 100}
-    assert_markers_stored_once(store, f"{marker}-b", during)
-    before = {pid: v for pid, v in expected.items() if v[0] < 100}
-    rows = query(store, f"SELECT count() FROM fleet.process_exec WHERE position(args, '{marker}-') = 0 "
-                        f"AND position(args, '{marker}') > 0")  # fmt: skip
-    assert int(rows[0][0]) == len(before)
-    assert_nothing_lost(store)
+    execs, exits, loss = queries(store, *marker_queries(marker), LOSS)
+    # the markers of before, during and after the outage (-b-, -c- in their arguments)
+    assert_markers_stored_once(execs, exits, marker, expected)
+    assert_markers_stored_once(execs, exits, f"{marker}-b", during)
+    assert_markers_stored_once(execs, exits, f"{marker}-c", after)
+    assert len(execs) == len(expected) + len(during) + len(after)
+    assert_nothing_lost(loss_totals(loss))
 
 
 def test_agent_killed_with_a_full_spool(kafka_broker: KafkaBroker, bpf_objects: Path, tmp_path: Path) -> None:
@@ -241,10 +258,12 @@ def test_agent_killed_with_a_full_spool(kafka_broker: KafkaBroker, bpf_objects: 
         asyncio.run(wait_ingested(kafka_broker.bootstrap, prefix))
         ingest.stop()
     assert second.returncode == 0 and ingest.returncode == 0
-    assert_markers_stored_once(store, marker, expected)
-    epochs = query(store, "SELECT epoch, count() FROM fleet.batches GROUP BY epoch ORDER BY epoch")
+    execs, exits, epochs, loss = queries(
+        store, *marker_queries(marker), "SELECT epoch, count() FROM fleet.batches GROUP BY epoch", LOSS
+    )
+    assert_markers_stored_once(execs, exits, marker, expected)
     assert len(epochs) == 2, epochs  # the killed agent's batches and the new one's
-    totals = loss(store)
+    totals = loss_totals(loss)
     for stream, (_, _, agent_dropped, _, gaps, dups, evicted) in totals.items():
         assert gaps == dups == agent_dropped == evicted == 0, (stream, totals)
 
@@ -314,22 +333,20 @@ def test_spool_overflow_is_counted_exactly(
         asyncio.run(wait_ingested(kafka_broker.bootstrap, prefix))
         ingest.stop()
     assert second.returncode == 0 and ingest.returncode == 0
-    totals = loss(store)
-    evicted_batches = {
-        r[0]: int(r[1])
-        for r in query(
-            store,
-            "SELECT stream, sum(value) FROM fleet.pipeline_stats "
-            "WHERE counter = 'batches_spool_evicted' GROUP BY stream",
-        )
-    }
+    loss, evicted, stored_storm = queries(
+        store, LOSS,
+        "SELECT stream, sum(value) FROM fleet.pipeline_stats WHERE counter = 'batches_spool_evicted' GROUP BY stream",
+        "SELECT count(), uniqExact(args) FROM fleet.process_exec WHERE args LIKE '%storm-%'",
+    )  # fmt: skip
+    totals = loss_totals(loss)
+    evicted_batches = {stream: int(n) for stream, n in evicted}
+    print("pipeline_loss after the overflow:", totals, "evicted batches:", evicted_batches)
     for stream, events in (("process_exec", STORM), ("process_exit", STORM + 1)):  # + the spawner's exit
         emitted, dropped, agent_dropped, stored, gaps, dups, evicted = totals[stream]
         assert evicted > 0 and agent_dropped == evicted and dups == 0, (stream, totals)
         assert emitted == events and dropped == 0, (stream, totals)
         assert stored + evicted == events, (stream, totals)
         assert gaps == evicted_batches[stream], (stream, totals, evicted_batches)
-    stored_storm = query(store, "SELECT count(), uniqExact(args) FROM fleet.process_exec WHERE args LIKE '%storm-%'")
     assert [int(v) for v in stored_storm[0]] == [totals["process_exec"][3]] * 2
     # the counters that explain the loss were not lost with it
     assert totals["pipeline_stats"][2] == totals["pipeline_stats"][4] == 0, totals

@@ -121,13 +121,6 @@ def test_batch_columns_are_built_per_distinct_identity(enricher: Enricher) -> No
     labels = out.columns["k8s_labels"]
     assert len(labels.offsets) == 5000 and labels.offsets[:5].tolist() == [1, 1, 2, 2, 2]  # type: ignore[union-attr]
     assert len(labels.keys.offsets) == 1  # type: ignore[union-attr]  # one distinct key, one entry per row
-    web = out.identities[int(out.row_key[0])].resource_attributes()
-    assert web == {
-        "host.name": "node-7", "container.id": A, "container.runtime": "containerd",
-        "k8s.namespace.name": "shop", "k8s.pod.name": "web-5d8f-x", "k8s.pod.uid": "u-web", "k8s.node.name": "n1",
-        "k8s.container.name": "app", "k8s.replicaset.name": "web-5d8f", "k8s.deployment.name": "web",
-        "service.name": "webshop", "k8s.pod.label.tier": "fe", "k8s.pod.annotation.owner": "pay",
-    }  # fmt: skip
     assert [i.pod_uid for i in out.pending] == ["u-unknown"]
 
 

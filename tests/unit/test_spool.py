@@ -250,3 +250,30 @@ async def test_memory_stays_bounded_while_no_broker_answers(tmp_path: Path) -> N
     again = opened(tmp_path / "spool", max_bytes=64 << 20)
     assert again.pending_batches == kept
     again.close()
+
+
+def test_spool_settings() -> None:
+    from fleetscope.config import AgentSettings, build
+
+    s = build(AgentSettings, {"brokers": "k:9092"}, {})
+    assert s.spool_dir == Path("/var/lib/fleetscope/spool") and s.spool_max_bytes == 1 << 30
+    s = build(
+        AgentSettings, {"brokers": "k:9092"}, {"FLEETSCOPE_SPOOL_DIR": "/x", "FLEETSCOPE_SPOOL_MAX_BYTES": "64MiB"}
+    )
+    assert s.spool_dir == Path("/x") and s.spool_max_bytes == 64 << 20
+    with pytest.raises(ConfigError, match=r"spool_max_bytes: 1048576 holds fewer than 4 batches .* at least 4194304"):
+        build(AgentSettings, {"brokers": "k:9092", "spool_max_bytes": "1MiB"}, {})
+
+
+def test_an_unreadable_segment_is_set_aside(tmp_path: Path) -> None:
+    spool = opened(tmp_path)
+    put(spool, 1)
+    spool.close()
+    (seg,) = tmp_path.glob("*.seg")
+    seg.unlink()
+    seg.mkdir()  # reading it fails (EISDIR), like an I/O error would
+    again = opened(tmp_path)
+    assert again.pending_batches == 0 and again.counters["spool_files_quarantined"] == 1
+    put(again, 2)
+    assert [r.sequence for r in drain(again)] == [2]
+    again.close()
