@@ -43,6 +43,14 @@ _WIRE_VARINT, _WIRE_I64, _WIRE_I32 = 0, 1, 5
 MAX_BATCH_BYTES = 64 << 20
 MAX_ROWS = 1 << 20
 MAX_HEADER_STRING = 1024
+# A string value longer than this is cut to it and counted (DecodedBatch.truncated): the
+# agent's longest is an argv of 1 KiB; nothing legitimate comes near.
+MAX_STRING_BYTES = 64 << 10
+# A string column's bytes once expanded to one value per row (what a ClickHouse String
+# column holds): a few long entries repeated over many rows would otherwise make the
+# ingester's Native block far larger than the message.
+MAX_EXPANDED_STRING_BYTES = 128 << 20
+MAX_UNUSED_ENTRIES = 1024  # dictionary entries allowed beyond the row count
 
 
 class BatchDecodeError(ValueError):
@@ -198,9 +206,7 @@ def encode_strings(fixed: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # encode_strings' row hash: xor, multiply, shift
 
 
-def encode_batch(
-    schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]
-) -> bytes:
+def encode_batch(schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]) -> bytes:
     """Encode one batch. Numeric columns are arrays of the column dtype; string columns are
     fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples; a column
     missing from `columns` that the header's schema_minor may leave out is left out."""
@@ -240,6 +246,7 @@ class DecodedBatch:
 
     header: batch_pb2.BatchHeader
     columns: dict[str, np.ndarray | StringColumn]
+    truncated: int = 0  # string values (rows) cut to MAX_STRING_BYTES
 
     @property
     def rows(self) -> int:
@@ -335,6 +342,7 @@ def decode_batch(schema: StreamSchema, payload: bytes, max_bytes: int = MAX_BATC
     if not header.batch_id:
         raise BatchDecodeError("header has no batch_id")
     columns: dict[str, np.ndarray | StringColumn] = {}
+    truncated = 0
     for col in schema.columns:
         raw = fields.get(col.number)
         if raw is None and rows and col.may_be_absent(header.schema_minor):
@@ -352,8 +360,33 @@ def decode_batch(schema: StreamSchema, payload: bytes, max_bytes: int = MAX_BATC
         if len(offsets) and (offsets[-1] != len(data) or np.any(np.diff(offsets.astype(np.int64)) < 0)):
             raise BatchDecodeError(f"{col.name}: dictionary offsets do not describe its data")
         if len(index) and int(index.max()) >= len(offsets):
-            raise BatchDecodeError(
-                f"{col.name}: index {int(index.max())} outside a dictionary of {len(offsets)}"
-            )
-        columns[col.name] = StringColumn(data, offsets, index)
-    return DecodedBatch(header, columns)
+            raise BatchDecodeError(f"{col.name}: index {int(index.max())} outside a dictionary of {len(offsets)}")
+        # a writer stores each distinct value once: more entries than rows (beyond a few
+        # unused ones) only make per-entry work (decoded(), enrichment) large
+        if len(offsets) > max(rows, MAX_UNUSED_ENTRIES):
+            raise BatchDecodeError(f"{col.name}: a dictionary of {len(offsets)} entries for {rows} rows")
+        column, cut = _bounded_strings(col.name, data, offsets, index)
+        columns[col.name] = column
+        truncated += cut
+    return DecodedBatch(header, columns, truncated)
+
+
+def _bounded_strings(name: str, data: bytes, offsets: np.ndarray, index: np.ndarray) -> tuple[StringColumn, int]:
+    """The column with entries longer than MAX_STRING_BYTES cut to it, and the rows cut;
+    BatchDecodeError if its rows would expand beyond MAX_EXPANDED_STRING_BYTES."""
+    lengths = np.diff(offsets.astype(np.int64), prepend=0)
+    long = lengths > MAX_STRING_BYTES
+    if long.any():
+        # keep each entry's first MAX_STRING_BYTES bytes; at most len(data) / MAX_STRING_BYTES
+        # entries are that long, so the loop is short and the mask one byte per data byte
+        keep = np.ones(len(data), bool)
+        for end, length in zip(offsets[long].tolist(), lengths[long].tolist(), strict=True):
+            keep[end - length + MAX_STRING_BYTES : end] = False
+        data = np.frombuffer(data, np.uint8)[keep].tobytes()
+        lengths = np.minimum(lengths, MAX_STRING_BYTES)
+        offsets = np.cumsum(lengths).astype("<u4")
+    expanded = int(lengths[index].sum()) if len(index) and len(lengths) else 0
+    if expanded > MAX_EXPANDED_STRING_BYTES:
+        raise BatchDecodeError(f"{name}: {expanded} bytes of strings over the rows exceed {MAX_EXPANDED_STRING_BYTES}")
+    cut = int(long[index].sum()) if long.any() and len(index) else 0
+    return StringColumn(data, offsets, index), cut

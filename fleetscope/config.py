@@ -204,14 +204,21 @@ def _patterns(text: str) -> tuple[str, ...]:
     return items
 
 
-# node_agent.redact.DEFAULT_PATTERNS, kept here so settings load without the agent
+# Secrets in command lines masked by the agent (node_agent/redact.py), kept here so settings
+# load without the agent. No pattern may contain a comma (the list separator): {n,m} is
+# written out. The first group of a match (or all of it) becomes ***.
 DEFAULT_REDACT_PATTERNS = (
+    # KEY=value: password=..., --db-password=..., AWS_SECRET_ACCESS_KEY=..., GITHUB_TOKEN=...
     r"(?i)(?:passw(?:or)?d|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)[\w.-]*=(\S+)",
+    # a flag naming a secret, then its value as the next argument: --token VALUE, -password VALUE
     r"(?i)(?:^|\s)--?[\w.-]*(?:passw(?:or)?d|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)"
     r"[\w.-]*\s+([^\s-]\S*)",
+    # HTTP authorization: "Authorization: Bearer ...", "Basic dXNlcjpwYXNz"
     r"(?i)\bbearer\s+(\S+)",
     r"(?i)\bbasic\s+([A-Za-z0-9+/]{8}[A-Za-z0-9+/=]*)",
+    # a URL's password: scheme://user:PASSWORD@host
     r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:([^\s/@]+)@",
+    # token shapes: GitHub (ghp_, gho_, ghu_, ghs_, ghr_), JSON Web Tokens
     r"\b(gh[pousr]_[A-Za-z0-9]{36}[A-Za-z0-9]*)",
     r"\b(eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)",
 )
@@ -468,13 +475,11 @@ class AgentOptions:
         16384, _positive_int, "cgroup ids whose container id and pod UID the agent remembers (LRU)"
     )
     batch_max_rows: int = opt(16384, _positive_int, "a batch is shipped at this many rows")
-    batch_max_bytes: int = opt(
-        1 << 20, _size, "... or this many bytes (keep under the broker's message.max.bytes)"
-    )
+    batch_max_bytes: int = opt(1 << 20, _size, "... or this many bytes (keep under the broker's message.max.bytes)")
     batch_max_age: float = opt(1.0, _duration, "... or when its oldest row is this old")
     status_interval: float = opt(10.0, _duration, "how often the agent logs its counters")
     status_listen: str = opt(
-        "127.0.0.1:9465", _listen, "serve the agent's /status and /healthz here (off: don't)", "HOST:PORT|off"
+        "127.0.0.1:9465", _listen, "serve the agent's /status, /healthz and /metrics here (off: don't)", "HOST:PORT|off"
     )
     stats_interval: float = opt(10.0, _duration, "how often counters are shipped to fleet.pipeline_stats")
 
@@ -567,8 +572,7 @@ class Kubernetes:
     k8s_api: str = opt(
         "off",
         _choice("off", "in-cluster", "kubeconfig"),
-        "Kubernetes API for pod metadata: in-cluster (the pod's service account), kubeconfig (k8s_kubeconfig), "
-        "or off",
+        "Kubernetes API for pod metadata: in-cluster (the pod's service account), kubeconfig (k8s_kubeconfig), or off",
     )
     k8s_kubeconfig: Path = opt(Path("~/.kube/config"), _path, "kubeconfig file for k8s_api kubeconfig")
     k8s_context: str = opt("", str, "context of the kubeconfig to use (default: its current-context)")

@@ -69,6 +69,8 @@ def mask_dsn(dsn: str) -> str:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
             query = urlencode([(k, MASK if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return dsn  # urlunsplit would also rewrite chdb:///path as chdb:/path
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 

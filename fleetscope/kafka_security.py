@@ -180,3 +180,7 @@ async def _try_broker(s: Kafka, host: str, port: int, options: dict[str, Any]) -
     finally:
         if conn is not None:
             conn.close()
+        # a failed TLS connection closes its socket from callbacks the loop runs next: let
+        # them run before the caller (or a test) may close the loop
+        for _ in range(3):
+            await asyncio.sleep(0)

@@ -26,6 +26,7 @@ does for empty arrays).
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import ClassVar, Union
@@ -140,15 +141,33 @@ def strings(data: bytes, offsets: np.ndarray, index: np.ndarray) -> bytes:
         byte = (lens[has] >> (7 * k)) & 0x7F
         more = (vsize[has] > k + 1).astype(np.int64) << 7
         out[row_start[has] + k] = byte | more
-    total = int(lens.sum())
-    if total:
-        # gather every payload byte: source and destination run in step inside each row
-        payload_start = np.cumsum(lens) - lens
+    source = np.frombuffer(data, np.uint8)
+    for a, b in _row_chunks(lens):
+        # gather every payload byte: source and destination run in step inside each row;
+        # by chunks of rows, so the per-byte index arrays stay small whatever the column
+        rl = lens[a:b]
+        total = int(rl.sum())
+        if not total:
+            continue
+        payload_start = np.cumsum(rl) - rl
         step = np.arange(total, dtype=np.int64)
-        src = np.repeat(starts[index] - payload_start, lens) + step
-        dst = np.repeat(row_start + vsize - payload_start, lens) + step
-        out[dst] = np.frombuffer(data, np.uint8)[src]
+        src = np.repeat(starts[index[a:b]] - payload_start, rl) + step
+        dst = np.repeat(row_start[a:b] + vsize[a:b] - payload_start, rl) + step
+        out[dst] = source[src]
     return out.tobytes()
+
+
+_GATHER_BYTES = 1 << 20  # payload bytes per chunk of strings(): 24 bytes of index arrays each
+
+
+def _row_chunks(lens: np.ndarray) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of about _GATHER_BYTES payload each (a longer row alone)."""
+    ends = np.cumsum(lens)
+    if not len(ends) or ends[-1] <= _GATHER_BYTES:
+        return [(0, len(lens))]
+    cuts = np.searchsorted(ends, np.arange(_GATHER_BYTES, int(ends[-1]), _GATHER_BYTES), side="right")
+    bounds = sorted({0, *cuts.tolist(), len(lens)})
+    return list(itertools.pairwise(bounds))
 
 
 def entries(data: bytes, offsets: np.ndarray) -> bytes:

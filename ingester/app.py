@@ -35,7 +35,7 @@ from fleetscope.otel import NO_TRACE, BatchTrace, PipelineTracer
 from fleetscope.retry import Backoff, first_line
 from fleetscope.store import connect, mask_dsn, migrate
 from ingester import dlq
-from ingester.dlq import DeadLetters
+from ingester.dlq import DeadLetters, RateLimitedLog
 from ingester.enrich import Enricher
 from ingester.health import Health, HealthServer
 from ingester.inflight import InFlight
@@ -58,7 +58,7 @@ def topic_for(prefix: str, stream: str) -> str:
 
 # The agent's fs-schema header: "fleetscope.v<major>.<stream>;minor=<minor>" (node_agent/batcher.py).
 _FS_SCHEMA = re.compile(r"fleetscope\.v(\d+)\.([a-z0-9_]+)(?:;minor=\d+)?")
-COMMIT_INTERVAL = 0.5  # seconds between commits while messages keep coming (at once when the queue empties)
+COMMIT_INTERVAL = 0.5  # seconds between commits (the first after a quiet spell goes at once)
 REVOKE_WAIT = 5.0  # how long a rebalance waits for the batch being inserted (the group waits for us)
 # Errors of building a batch's insert from its columns (the driver's own errors are not among
 # them): a batch that decoded but cannot be written goes to the dead-letter topic instead of
@@ -130,7 +130,8 @@ class Ingester:
         self.insert_latency = Histogram(LATENCY_BUCKETS)
         self.stream_names = sorted(SCHEMAS)
         self._dlq_nodes: set[str] = set()
-        self.dead_letters = DeadLetters(settings.dlq_topic, self.stats.component, self._dead_lettered)
+        self._flow_log = RateLimitedLog(log, burst=2, interval=10.0, level=logging.INFO)  # pause, resume
+        self.dead_letters = DeadLetters(settings.dlq_topic, self.stats.component, self._dead_lettered, self.health)
 
     async def __aenter__(self) -> Ingester:
         await self.start()
@@ -197,9 +198,12 @@ class Ingester:
                 metadata_max_age_ms=3000,
                 **auth.options(),
             )
-            # the dead-letter producer takes any message the broker gave us (cut if its topic refuses it)
+            # The dead-letter producer takes any message the broker gave us (cut if its topic refuses
+            # it). Not idempotent: a refused message would leave an idempotent producer's sequence
+            # numbers broken (OutOfOrderSequenceNumber on every later send); a dead letter sent
+            # twice after a retry is harmless (fs-source tells them apart).
             producer = AIOKafkaProducer(
-                bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=True, linger_ms=5,
+                bootstrap_servers=list(s.brokers), acks="all", enable_idempotence=False, linger_ms=5,
                 max_request_size=max(16 << 20, s.max_batch_bytes + (1 << 20)), **auth.options(),
             )  # fmt: skip
             try:
@@ -272,14 +276,14 @@ class Ingester:
             if todo:
                 if not self.paused:
                     self.counters["pauses"] += 1
-                    log.info("in-flight bound reached (%d bytes in %d messages): fetching paused",
-                             self.in_flight.bytes, len(self.in_flight))  # fmt: skip
+                    self._flow_log.warning("in-flight bound reached (%d bytes in %d messages): fetching paused",
+                                           self.in_flight.bytes, len(self.in_flight))  # fmt: skip
                 self._consumer.pause(*todo)
                 self.paused |= todo
         elif self.paused and self.in_flight.bytes <= limit // 2:
             self._consumer.resume(*(self.paused & self.assigned))
             self.paused.clear()
-            log.info("in-flight messages below half the bound: fetching resumed")
+            self._flow_log.warning("in-flight messages below half the bound: fetching resumed")
 
     async def _release(self) -> None:
         """Give this member's partitions to the others: inserts have failed for longer than
@@ -332,10 +336,17 @@ class Ingester:
         while not self._stop.is_set():
             taken = self.in_flight.take()
             if taken is None:
-                await self._commit()
-                if not len(self.in_flight):  # nothing arrived during the commit: wait for the poll loop
+                # idle: commit now if the last commit is old enough, else when it is or more comes
+                due = COMMIT_INTERVAL - (time.monotonic() - self._last_commit)
+                if due <= 0 or not self._uncommitted():
+                    await self._commit()
+                    if not len(self.in_flight):  # nothing arrived during the commit: wait for the poll loop
+                        self._work_ready.clear()
+                        await self._work_ready.wait()
+                else:
                     self._work_ready.clear()
-                    await self._work_ready.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._work_ready.wait(), due)
                 continue
             tp, rec = taken
             generation = self._generation
@@ -352,6 +363,10 @@ class Ingester:
             self._loaded[tp] = rec.offset + 1
             if time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
                 await self._commit()
+
+    def _uncommitted(self) -> bool:
+        loaded = any(off > self._committed.get(tp, -1) for tp, off in self._loaded.items())
+        return loaded or self.dead_letters.pending > 0
 
     async def _commit(self, only: set[TopicPartition] | None = None) -> bool:
         """Commit the offsets below which every message is stored or dead-lettered (the
@@ -467,6 +482,8 @@ class Ingester:
         trace.set("fleetscope.batch_id", batch.header.batch_id)
         trace.set("fleetscope.rows", batch.rows)
         self.stats.add(node, stream, "batches_decoded")
+        if batch.truncated:  # string values cut to codec.MAX_STRING_BYTES
+            self.stats.add(node, stream, "values_truncated", batch.truncated)
         with trace.stage("enrich"):
             enrichment = await self.enricher.enrich(batch)
         if enrichment is not None and enrichment.unenriched:

@@ -56,6 +56,7 @@ _STREAM_COUNTERS = (
     ("batches_duplicate", "batches ClickHouse deduplicated (redelivered after a crash or rebalance)"),
     ("batches_dead_lettered", "batches sent to the dead-letter topic (lost to the tables, counted)"),
     ("rows_unenriched", "rows stored without their pod metadata"),
+    ("values_truncated", "string values cut to 64 KiB (codec.MAX_STRING_BYTES) before they were stored"),
     ("spans_written", "spans written to otel_traces"),
 )
 
@@ -124,9 +125,9 @@ class HealthServer:
             ("pauses", "times fetching paused at the in-flight bound"),
             ("releases", "times the partitions were given up after inserts failed for max_poll_interval"),
             ("rebalances", "partition revocations"),
-            ("dlq_retries", "failed sends to the dead-letter topic (retried)"),
         ):
             m.counter(name, help_text, ing.counters[name])
+        m.counter("dlq_retries", "failed sends to the dead-letter topic (retried)", ing.dead_letters.retries)
         m.gauge("in_flight_bytes", "bytes of Kafka messages fetched and not yet stored or dead-lettered",
                 ing.in_flight.bytes)  # fmt: skip
         m.gauge("in_flight_messages", "Kafka messages fetched and not yet stored or dead-lettered", len(ing.in_flight))

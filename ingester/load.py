@@ -126,9 +126,7 @@ class BatchLoader:
         with self._lock:
             return self._insert(table, dict(columns), rows, settings)
 
-    def _insert(
-        self, table: str, values: Mapping[str, native.Values], rows: int, settings: dict[str, str]
-    ) -> int:
+    def _insert(self, table: str, values: Mapping[str, native.Values], rows: int, settings: dict[str, str]) -> int:
         """One insert of whole columns; returns the rows ClickHouse wrote (0: deduplicated)."""
         types = self._table_types(table)
         names = list(values)

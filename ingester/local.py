@@ -60,6 +60,8 @@ class LocalIngest:
                 decoded = self.loader.decode(batch.stream, batch.payload)
             node = decoded.header.node.host_name
             self.stats.add(node, batch.stream, "batches_decoded")
+            if decoded.truncated:  # string values cut to codec.MAX_STRING_BYTES
+                self.stats.add(node, batch.stream, "values_truncated", decoded.truncated)
             with trace.stage("enrich"):
                 enrichment = await self.enricher.enrich(decoded) if self.enricher is not None else None
             if enrichment is not None and enrichment.unenriched:

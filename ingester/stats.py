@@ -37,7 +37,9 @@ class IngestStats:
     def write(self, loader: BatchLoader) -> None:
         """Insert the increases since the last write (blocking: run it in a worker thread)."""
         self._next = time.monotonic() + self.interval
-        deltas = [(k, v - self._written[k]) for k, v in self.counts.items() if v != self._written[k]]
+        # the values as of now: counting goes on (in the event loop) while this thread inserts
+        now = [(k, v) for k, v in list(self.counts.items()) if v != self._written[k]]
+        deltas = [(k, v - self._written[k]) for k, v in now]
         if not deltas:
             return
         keys = [k for k, _ in deltas]
@@ -52,5 +54,5 @@ class IngestStats:
             "value": np.array([d for _, d in deltas], "<u8"),
         }
         loader.insert_columns("pipeline_stats", columns)
-        for k, _ in deltas:
-            self._written[k] = self.counts[k]
+        for k, v in now:
+            self._written[k] = v

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from fleetscope.config import AgentOptions
+from node_agent import capabilities
 from node_agent.bcc_loader import (
     TRACEFS_DIRS,
     VMLINUX_BTF,
@@ -40,7 +41,9 @@ def kernel_summary() -> list[str]:
         bcc = f"bcc {getattr(import_bcc(), '__version__', '(version unknown)')}"
     except (ImportError, OSError) as e:
         bcc = f"bcc unavailable ({e})"
-    return [f"kernel {uname.release} ({uname.machine}): {btf}, {tracefs}, {bcc}"]
+    lacking = capabilities.missing()
+    caps = f"capabilities: missing {', '.join(lacking)}" if lacking else "capabilities: CAP_BPF and CAP_PERFMON present"
+    return [f"kernel {uname.release} ({uname.machine}): {btf}, {tracefs}, {bcc}; {caps}"]
 
 
 def _one_line(e: ProbeError) -> str:

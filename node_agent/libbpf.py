@@ -31,7 +31,6 @@ _LIBBPF_WARN, _LIBBPF_INFO, _LIBBPF_DEBUG = 0, 1, 2
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
-
 class _OpenOpts(ctypes.Structure):
     """struct bpf_object_open_opts of libbpf 1.1 (libbpf.h), up to kernel_log_level."""
 

@@ -54,9 +54,7 @@ class RingBuffer:
         )
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
-            self._data_map = mmap.mmap(
-                map_fd, page + 2 * max_entries, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
-            )
+            self._data_map = mmap.mmap(map_fd, page + 2 * max_entries, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         except OSError:
             self._cons_map.close()
             raise
@@ -94,9 +92,7 @@ class RingBuffer:
         n = avail // self.stride
         if max_records is not None:
             n = min(n, max_records)
-        records = np.frombuffer(
-            self._data_map, self._record, count=n, offset=self._data_off + (cons & self._mask)
-        )
+        records = np.frombuffer(self._data_map, self._record, count=n, offset=self._data_off + (cons & self._mask))
         lens = records["len"].copy()  # headers first, payloads after
         busy = (lens & _BUSY) != 0
         if busy.any():

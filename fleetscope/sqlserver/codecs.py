@@ -15,6 +15,7 @@ import ctypes.util
 import functools
 import sys
 import zlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import brotli
@@ -26,6 +27,9 @@ else:
     from backports import zstd
 
 ENCODINGS = ("lz4", "zstd", "br", "gzip", "deflate")
+# Decompressed bytes per piece: a small compressed body can expand a thousandfold (a
+# "zip bomb"), so no decoder ever produces more than this from one call, whatever it is fed.
+PIECE_BYTES = 1 << 20
 
 
 class DecodeError(ValueError):
@@ -33,11 +37,21 @@ class DecodeError(ValueError):
 
 
 class Decoder(Protocol):
-    def feed(self, data: bytes) -> bytes: ...
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The decompressed bytes data completes, in pieces of at most PIECE_BYTES."""
+        ...
+
+    def feed(self, data: bytes) -> bytes:
+        """All of them at once (tests, small bodies)."""
+        ...
+
     def finish(self) -> None: ...
 
 
 class _Identity:
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        yield data  # as read from the network: bounded by the server's read buffer
+
     def feed(self, data: bytes) -> bytes:
         return data
 
@@ -63,18 +77,35 @@ class _Frames:
         return lz4.frame.LZ4FrameDecompressor()
 
     def feed(self, data: bytes) -> bytes:
-        out = []
+        return b"".join(self.pieces(data))
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
         try:
             while data:
                 self._started = True
-                out.append(self._d.decompress(data))
+                if self.name in ("gzip", "deflate"):
+                    # zlib keeps what it did not get to in unconsumed_tail
+                    while True:
+                        out = self._d.decompress(data, PIECE_BYTES)
+                        data = self._d.unconsumed_tail
+                        if out:
+                            yield out
+                        if self._d.eof or (not data and len(out) < PIECE_BYTES):
+                            break
+                else:  # zstd, lz4: more output waits inside until needs_input
+                    while True:
+                        out = self._d.decompress(data, PIECE_BYTES)
+                        data = b""
+                        if out:
+                            yield out
+                        if self._d.eof or self._d.needs_input:
+                            break
                 if not self._d.eof:
                     break
                 data = self._d.unused_data
                 self._d, self._started = self._new(), False
         except (zlib.error, zstd.ZstdError, RuntimeError, OSError) as e:
             raise DecodeError(f"request body is not valid {self.name}: {e}") from None
-        return b"".join(out)
 
     def finish(self) -> None:
         if self._started:
@@ -93,7 +124,10 @@ class _BrotliFrames:
         self._started = False
 
     def feed(self, data: bytes) -> bytes:
-        lib, out = self._lib, []
+        return b"".join(self.pieces(data))
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        lib = self._lib
         avail_in = ctypes.c_size_t(len(data))
         next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         buf = ctypes.create_string_buffer(self._OUT)
@@ -104,7 +138,8 @@ class _BrotliFrames:
                 self._state, ctypes.byref(avail_in), ctypes.byref(next_in), ctypes.byref(avail_out),
                 ctypes.byref(next_out), None,
             )  # fmt: skip
-            out.append(buf.raw[: self._OUT - avail_out.value])
+            if avail_out.value < self._OUT:
+                yield buf.raw[: self._OUT - avail_out.value]
             if result == 0:
                 raise DecodeError("request body is not valid br")
             if result == 1:  # this stream is complete; another may follow
@@ -117,7 +152,6 @@ class _BrotliFrames:
             self._started = True
             if result == 2:  # needs more input
                 break
-        return b"".join(out)
 
     def finish(self) -> None:
         if self._started:
@@ -134,8 +168,17 @@ class _Brotli:
         self._d = brotli.Decompressor()
 
     def feed(self, data: bytes) -> bytes:
+        return b"".join(self.pieces(data))
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
         try:
-            return bytes(self._d.process(data))
+            out = self._d.process(data, output_buffer_limit=PIECE_BYTES)
+            while True:
+                if out:
+                    yield bytes(out)
+                if self._d.can_accept_more_data() or self._d.is_finished():
+                    return
+                out = self._d.process(b"", output_buffer_limit=PIECE_BYTES)
         except brotli.error as e:
             raise DecodeError(f"request body is not valid br (one brotli stream expected): {e}") from None
 

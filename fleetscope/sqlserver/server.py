@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from multidict import CIMultiDict, MultiMapping
 
 from fleetscope.sqlserver import sql
@@ -366,12 +366,16 @@ class SqlServer:
         engine = self.engine
         assert engine is not None
         reader = await request.multipart()
+        budget = _MAX_QUERY  # for the query and every parameter together
         async for part in reader:
             name = getattr(part, "name", None) or ""
-            if name == "query":
-                text = await part.text()  # type: ignore[union-attr]
-            elif name.startswith("param_"):
-                call.params[name[6:]] = await part.text()  # type: ignore[union-attr]
+            if (name == "query" or name.startswith("param_")) and isinstance(part, BodyPartReader):
+                value, size = await _part_text(part, budget, engine)
+                budget -= size
+                if name == "query":
+                    text = value
+                else:
+                    call.params[name[6:]] = value
             else:
                 raise engine.error(f"external data (form field {name!r}) is not supported by fleetscope",
                                    NOT_IMPLEMENTED)  # fmt: skip
@@ -577,6 +581,21 @@ class SqlServer:
         return InsertStream(engine, conn, statement, fmt)
 
 
+async def _part_text(part: BodyPartReader, budget: int, engine: Engine) -> tuple[str, int]:
+    """A form field's text and its size in bytes, read in chunks and refused beyond budget
+    bytes (aiohttp's part.text() would read any size into memory)."""
+    chunks, size = [], 0
+    while chunk := await part.read_chunk(1 << 16):
+        size += len(chunk)
+        if size > budget:
+            raise engine.error(f"the form's query and parameters exceed {_MAX_QUERY} bytes", QUERY_IS_TOO_LARGE)
+        chunks.append(chunk)
+    try:
+        return b"".join(chunks).decode(part.get_charset(default="utf-8")), size
+    except (UnicodeDecodeError, LookupError):
+        raise engine.error(f"form field {part.name!r} is not valid text", BAD_ARGUMENTS) from None
+
+
 async def _empty() -> AsyncIterator[bytes]:
     return
     yield b""  # pragma: no cover - makes this an async generator
@@ -589,9 +608,9 @@ async def _decoded(request: web.Request, dec: Any) -> AsyncIterator[bytes]:
         if not data:
             dec.finish()
             return
-        out = dec.feed(data)
-        if out:
-            yield out
+        for out in dec.pieces(data):  # at most codecs.PIECE_BYTES each, whatever the ratio
+            if out:
+                yield out
 
 
 async def _next(body: AsyncIterator[bytes], engine: Engine) -> bytes | None:

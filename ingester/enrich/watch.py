@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx2 as httpx
 from lightkube import AsyncClient, KubeConfig, operators
+from lightkube.config.client_adapter import verify_cluster
 from lightkube.config.kubeconfig import SingleConfig
 from lightkube.core.exceptions import ApiError
 from lightkube.core.exceptions import ConfigError as LightkubeConfigError
@@ -32,6 +33,7 @@ from lightkube.resources.core_v1 import Pod
 
 from fleetscope.config import ConfigError, Kubernetes, selector_terms
 from fleetscope.retry import Backoff, first_line
+from ingester.enrich.bounded import BoundedTransport
 from ingester.enrich.pods import (
     MIRROR_ANNOTATION,
     SERVICE_NAME_LABEL,
@@ -150,7 +152,9 @@ class KubernetesWatch:
         self.on_change = on_change
         self.synced = False  # the pods were listed at least once
         self.connected = False  # the last pod list or watch request succeeded
-        self.counters: dict[str, int] = {"lists": 0, "relists_410": 0, "watch_events": 0, "errors": 0}
+        self.counters: dict[str, int] = {
+            "lists": 0, "relists_410": 0, "watch_events": 0, "errors": 0, "responses_too_large": 0,
+        }  # fmt: skip
         self._client: AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server = ""
@@ -160,12 +164,19 @@ class KubernetesWatch:
         config = kube_config(self.settings)
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per watch request otherwise
         self._server = config.cluster.server if config.cluster is not None else "?"
-        self._client = AsyncClient(config=config, trust_env=False, timeout=httpx.Timeout(10.0))
+        # the kubeconfig's CA and client certificate, in a transport that bounds response sizes
+        assert config.user is not None  # kube_config() refuses a context without a user
+        verify = verify_cluster(config.cluster, config.user, config.abs_file, trust_env=False)
+        transport = BoundedTransport(httpx.AsyncHTTPTransport(verify=verify, trust_env=False), self._too_large)
+        self._client = AsyncClient(config=config, trust_env=False, timeout=httpx.Timeout(10.0), transport=transport)
         for name, res in (("pods", Pod), ("replicasets", ReplicaSet), ("jobs", Job)):
             task = asyncio.create_task(self._run(name, res), name=f"k8s-watch-{name}")
             task.add_done_callback(self._died)
             self._tasks.append(task)
         log.info("kubernetes: watching pods, replicasets and jobs at %s", self._server)
+
+    def _too_large(self) -> None:
+        self.counters["responses_too_large"] += 1
 
     def _died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -282,8 +282,11 @@ def test_records_knobs_and_builders_agree_with_the_object(bpf_objects: Path, pro
     stream = p.streams[0]
     dtype = btf.struct_dtype(stream.struct)
     assert dtype.itemsize == size
+    from node_agent.cgroups import IDENTITY_COLUMNS
+
     cols = stream.columns(np.zeros(3, dtype), 0)
-    assert set(cols) == {c.name for c in SCHEMAS[stream.name].columns}
+    # the batcher adds the workload identity columns (container_id, pod_uid, ...) itself
+    assert set(cols) | set(IDENTITY_COLUMNS) == {c.name for c in SCHEMAS[stream.name].columns}
     layout = btf.datasec_vars(".rodata")
     for knob, value in p.rodata(Settings(bpf_objects, file_open_prefixes=("/etc/",))).items():
         width = len(value) if isinstance(value, bytes) else None

@@ -47,9 +47,7 @@ async def produce(bootstrap: str, topic: str, count: int) -> None:
     await producer.start()
     try:
         sends = [
-            await producer.send(
-                topic, key=f"node-{i % 7}".encode(), value=b"v%03d" % i, headers=headers_for(i)
-            )
+            await producer.send(topic, key=f"node-{i % 7}".encode(), value=b"v%03d" % i, headers=headers_for(i))
             for i in range(count)
         ]
         await producer.flush()
@@ -97,9 +95,7 @@ async def committed(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int | N
     return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
 
 
-async def consume_and_commit(
-    bootstrap: str, topic: str, group: str, count: int
-) -> list[ConsumerRecord[bytes, bytes]]:
+async def consume_and_commit(bootstrap: str, topic: str, group: str, count: int) -> list[ConsumerRecord[bytes, bytes]]:
     """Join ``group``, read ``count`` records and commit exactly what was read."""
     consumer = group_consumer(bootstrap, topic, group)
     await consumer.start()
@@ -132,9 +128,7 @@ async def test_idempotent_lz4_producer_and_group_commit(kafka_broker: KafkaBroke
     finally:
         await consumer.stop()
 
-    assert sorted(r.value for r in records if r.value is not None) == [
-        b"v%03d" % i for i in range(100)
-    ]
+    assert sorted(r.value for r in records if r.value is not None) == [b"v%03d" % i for i in range(100)]
     for r in records:
         assert r.value is not None
         i = int(r.value[1:])
@@ -165,9 +159,7 @@ async def test_create_topic_helper(kafka_broker: KafkaBroker) -> None:
 
 
 @pytest.mark.parametrize("how", ["restart", "kill"])
-async def test_restart_keeps_messages_and_committed_offsets(
-    kafka_broker: KafkaBroker, how: str
-) -> None:
+async def test_restart_keeps_messages_and_committed_offsets(kafka_broker: KafkaBroker, how: str) -> None:
     topic, group = unique(f"durable-{how}"), unique(f"group-{how}")
     await produce(kafka_broker.bootstrap, topic, 100)
     first = await consume_and_commit(kafka_broker.bootstrap, topic, group, 60)

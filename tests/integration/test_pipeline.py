@@ -106,9 +106,7 @@ async def marker_offsets(
     return last
 
 
-async def wait_committed(
-    bootstrap: str, group: str, offsets: dict[TopicPartition, int], within: float
-) -> float:
+async def wait_committed(bootstrap: str, group: str, offsets: dict[TopicPartition, int], within: float) -> float:
     """Poll the group's committed offsets until they cover `offsets`; returns when."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()

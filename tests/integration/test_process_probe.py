@@ -102,9 +102,7 @@ def own_cgroup() -> Iterator[int]:
     if root is None:
         require_real("process probe: no cgroup v2 mount (bpf_get_current_cgroup_id needs one)")
     current = next(
-        line.split("::", 1)[1]
-        for line in Path("/proc/self/cgroup").read_text().splitlines()
-        if line.startswith("0::")
+        line.split("::", 1)[1] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")
     )
     home = root / current.lstrip("/")
     top = root / f"fleetscope-test-{uuid.uuid4().hex[:8]}.slice"
@@ -146,9 +144,7 @@ def exact_path(tmp_path: Path, length: int) -> Path:
 
 
 @pytest.mark.root
-def test_every_exec_and_exit_arrives_once_with_its_fields(
-    probe: LoadedProbe, own_cgroup: int, tmp_path: Path
-) -> None:
+def test_every_exec_and_exit_arrives_once_with_its_fields(probe: LoadedProbe, own_cgroup: int, tmp_path: Path) -> None:
     me, t0 = os.getpid(), boot_ns()
     marker = uuid.uuid4().hex[:12]
     expected: dict[int, tuple[list[bytes], int]] = {}  # pid -> (argv, exit code)
@@ -256,9 +252,7 @@ def test_tiny_ring_counts_every_drop(bpf_dir: Path) -> None:
 
 @pytest.mark.root
 def test_targ_tgid_keeps_one_process(bpf_dir: Path) -> None:
-    target = subprocess.Popen(
-        ["/bin/sh", "-c", "read line; exec /bin/true tgid-marker"], stdin=subprocess.PIPE
-    )
+    target = subprocess.Popen(["/bin/sh", "-c", "read line; exec /bin/true tgid-marker"], stdin=subprocess.PIPE)
     try:
         with load_probe("process", Settings(bpf_dir=bpf_dir), rodata={"targ_tgid": target.pid}) as probe:
             other = subprocess.Popen(["/bin/true", "other"])
@@ -595,9 +589,7 @@ def test_cgroup_filter_keeps_the_cgroup_and_its_descendants(bpf_dir: Path) -> No
         # relative to the cgroup2 mount, as an operator would write it
         settings = Settings(bpf_dir=bpf_dir, filter_cgroup=str(top.relative_to(root)))
         with load_probe("process", settings) as p:
-            inside = subprocess.Popen(
-                ["/bin/sh", "-c", f"echo $$ > {leaf}/cgroup.procs && exec /bin/true in-{marker}"]
-            )
+            inside = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {leaf}/cgroup.procs && exec /bin/true in-{marker}"])
             outside = subprocess.Popen(["/bin/true", f"out-{marker}"])
             assert inside.wait() == 0 and outside.wait() == 0
             execs = p.rings["process_exec"].drain()

@@ -378,9 +378,7 @@ class KafkaBroker:
         if java is None:
             raise KafkaBrokerError("no `java` found (set JAVA_HOME or put java on PATH)")
         if not has_kafka_jars(self.libs_dir):
-            raise KafkaBrokerError(
-                f"no Kafka jars in {self.libs_dir}: run tools/kafka/fetch.sh {self.libs_dir}"
-            )
+            raise KafkaBrokerError(f"no Kafka jars in {self.libs_dir}: run tools/kafka/fetch.sh {self.libs_dir}")
         return java
 
     def _ensure_ports(self) -> None:
@@ -492,8 +490,7 @@ class KafkaBroker:
         (self.log_dir / "format.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise KafkaBrokerError(
-                f"formatting {self.data_dir} failed ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
+                f"formatting {self.data_dir} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
             )
 
     def _scram_arguments(self) -> list[str]:
@@ -507,15 +504,13 @@ class KafkaBroker:
             code = proc.poll()
             if code is not None:
                 raise KafkaBrokerError(
-                    f"the broker exited with status {code} while starting; "
-                    f"end of {self.log_path}:\n{self.tail_log()}"
+                    f"the broker exited with status {code} while starting; end of {self.log_path}:\n{self.tail_log()}"
                 )
             if self._accepts_connections() and self._serves_metadata():
                 return
             if time.monotonic() >= deadline:
                 raise KafkaBrokerError(
-                    f"the broker was not ready on {self.bootstrap} in time; "
-                    f"end of {self.log_path}:\n{self.tail_log()}"
+                    f"the broker was not ready on {self.bootstrap} in time; end of {self.log_path}:\n{self.tail_log()}"
                 )
             time.sleep(0.2)
 
@@ -545,9 +540,7 @@ class KafkaBroker:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
-            response = await admin.create_topics(
-                [NewTopic(name, partitions, 1, topic_configs=config)]
-            )
+            response = await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config)])
         finally:
             await admin.close()
         for topic, code, *rest in response.topic_errors:
@@ -562,8 +555,7 @@ class KafkaBroker:
                 cluster = await client.fetch_all_metadata()
                 found = cluster.partitions_for_topic(name) or set()
                 if len(found) >= partitions and all(
-                    (cluster.leader_for_partition(TopicPartition(name, p)) or -1) >= 0
-                    for p in found
+                    (cluster.leader_for_partition(TopicPartition(name, p)) or -1) >= 0 for p in found
                 ):
                     return
                 await asyncio.sleep(0.1)

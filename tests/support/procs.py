@@ -48,9 +48,7 @@ class FleetscopeProcess:
             if text in self.log_text():
                 return
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.args[0]} exited {self.proc.returncode}:\n{self.log_text()[-4000:]}"
-                )
+                raise AssertionError(f"{self.args[0]} exited {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             time.sleep(0.1)
         raise AssertionError(f"{self.args[0]} did not log {text!r} in {timeout}s:\n{self.log_text()[-4000:]}")
 

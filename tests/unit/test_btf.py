@@ -54,8 +54,7 @@ def c_layout(tmp_path: Path, header: Path, structs: dict[str, list[str]]) -> dic
         lines.append(f'printf("{sep}\\"{name}\\": {{\\"size\\": %zu", sizeof(struct {name}));')
         for m in members:
             lines.append(
-                f'printf(", \\"{m}\\": [%zu, %zu]", offsetof(struct {name}, {m}), '
-                f"sizeof(((struct {name} *)0)->{m}));"
+                f'printf(", \\"{m}\\": [%zu, %zu]", offsetof(struct {name}, {m}), sizeof(((struct {name} *)0)->{m}));'
             )
         lines.append('printf("}");')
     lines += ['printf("}\\n");', "return 0;", "}"]
@@ -77,9 +76,7 @@ def test_record_dtypes_match_c_layout(process_btf: Btf, tmp_path: Path) -> None:
             assert dtype.fields is not None
             field, field_offset = dtype.fields[m][:2]
             assert (field_offset, field.itemsize) == (offset, size), f"{name}.{m}"
-        assert [(m.name, m.offset, m.size) for m in process_btf.members(name)] == [
-            (m, *c[m]) for m in members
-        ]
+        assert [(m.name, m.offset, m.size) for m in process_btf.members(name)] == [(m, *c[m]) for m in members]
 
 
 def test_header_static_asserts_agree(process_btf: Btf) -> None:

@@ -39,9 +39,6 @@ def test_commands_are_valid_fleetscope_invocations() -> None:
         assert settings.brokers == ("kafka:9092",)
         if sub == "ingest":
             host = settings.clickhouse.split("@")[1].split(":")[0]
-            assert (
-                host in services
-                and settings.clickhouse == services[name]["environment"]["FLEETSCOPE_CLICKHOUSE"]
-            )
+            assert host in services and settings.clickhouse == services[name]["environment"]["FLEETSCOPE_CLICKHOUSE"]
         host = settings.brokers[0].split(":")[0]
         assert host in services

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, sys
+import json, sys, time
 import numpy as np
 from fleetscope.store import connect, migrate
 from fleetscope.codec import SCHEMAS, encode_batch
@@ -25,8 +25,8 @@ tables = client.query(
 ).result_rows
 h = batch_pb2.BatchHeader(batch_id="m-process_exit-1-1", stream="process_exit", epoch=1, sequence=1, row_count=3)
 h.node.host_name = "dedup"
-import time
-cols = {"time": np.full(3, time.time_ns(), np.uint64), "pid": np.arange(3, dtype=np.uint32), "ppid": np.ones(3, np.uint32),
+now = np.full(3, time.time_ns(), np.uint64)  # within the tables' TTL
+cols = {"time": now, "pid": np.arange(3, dtype=np.uint32), "ppid": np.ones(3, np.uint32),
         "cgroup_id": np.zeros(3, np.uint64), "comm": np.array([b"sh"] * 3, "S16"),
         "exit_code": np.zeros(3, np.int32), "signal": np.zeros(3, np.uint32), "duration_ns": np.ones(3, np.uint64)}
 loader = BatchLoader(client)

@@ -46,9 +46,7 @@ def test_every_written_type_round_trips(client) -> None:
     ]
     assert all(native.supported(t) for _, t, _ in cols)
     client.raw_insert("fleet.native_rt", [c[0] for c in cols], native.block(cols, n), fmt="Native")
-    rows = client.query(
-        "SELECT toUnixTimestamp64Nano(t), u8, i32, u64, f, s, lc, a FROM fleet.native_rt"
-    ).result_rows
+    rows = client.query("SELECT toUnixTimestamp64Nano(t), u8, i32, u64, f, s, lc, a FROM fleet.native_rt").result_rows
     assert len(rows) == n
     for i, r in enumerate(rows):
         assert r[0] == 1_700_000_000 * 10**9 + i and r[1] == i % 256 and r[2] == i - 500 and r[3] == 2**64 - 1
