@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from node_agent.probes.process import PROBE, exec_columns, exit_columns
 from tests.integration.test_pipeline import assert_marker_rows
 from tests.support.procs import FleetscopeProcess, spawn_markers
 from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -207,8 +207,6 @@ def test_classic_tracepoints_through_bcc_in_a_private_tracefs(bcc_ready: Path, t
     """bcc builds a classic tracepoint's argument struct from tracefs, mounted here in a
     private mount namespace (the host's mounts stay untouched); both loaders then attach
     the tracepoint programs and agree."""
-    if shutil.which("unshare") is None:
-        require_real("bcc fallback: `unshare` (util-linux) is needed for a private tracefs")
     script = tmp_path / "tp.py"
     script.write_text(
         "import json, subprocess\n"
@@ -228,15 +226,9 @@ def test_classic_tracepoints_through_bcc_in_a_private_tracefs(bcc_ready: Path, t
         "                     'args': e['args'].decode(), 'code': int(x['exit_code'])}\n"
         "print(json.dumps(out))\n"
     )
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tracefs tracefs /sys/kernel/tracing && exec {sys.executable} {script}"],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"bcc fallback: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs(
+        [sys.executable, str(script)], "bcc fallback", timeout=120, env={"PYTHONPATH": str(REPO)}
+    )
     assert (
         result["bcc"]
         == result["libbpf"]

@@ -6,10 +6,8 @@ with threads are no row.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +20,7 @@ import numpy as np
 import pytest
 
 from node_agent.loader import LoadedProbe, cgroup2_mount, load_probe
-from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 pytestmark = pytest.mark.root
 
@@ -257,18 +255,7 @@ with load_probe("fatal_signals", Settings()) as p:
 
 
 def test_classic_tracepoints_record_the_same_deaths(bpf_objects: Path) -> None:
-    if shutil.which("unshare") is None:
-        require_real("fatal_signals probe: `unshare` (util-linux) is needed for a private tracefs")
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tracefs tracefs /sys/kernel/tracing && exec "$0" -c "$1" "$2"',
-         sys.executable, CLASSIC, str(bpf_objects)],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"fatal_signals probe: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs([sys.executable, "-c", CLASSIC, str(bpf_objects)], "fatal_signals probe")
     assert result["attached"] == {
         "signal/signal_generate": "tracepoint__signal__signal_generate",
         "sched/sched_process_exit": "tracepoint__sched__sched_process_exit",

@@ -7,10 +7,8 @@ as raw_tp, including the count of opens the per-thread map could not hold.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,7 @@ import pytest
 from node_agent.loader import LoadedProbe, cgroup2_mount, load_probe
 from node_agent.probes import file_open
 from tests.support.opens import NUMBERS, Opened, captured, open_everything, rows_as_opened
-from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 REPO = Path(__file__).resolve().parents[2]
 STRIDE = 8 + 320  # ring record: header + struct file_open_event
@@ -237,21 +235,13 @@ print(json.dumps(out))
 
 
 def test_classic_tracepoints_record_the_same_rows(bpf_objects: Path, dirs: tuple[Path, Path]) -> None:
-    if shutil.which("unshare") is None:
-        require_real("file_open probe: `unshare` (util-linux) is needed for a private tracefs")
     watched, outside = dirs
     fifo_dir = watched.parent / "fifo"
     fifo_dir.mkdir()
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tracefs tracefs /sys/kernel/tracing && exec "$0" -c "$1" "$2" "$3" "$4" "$5"',
-         sys.executable, CLASSIC, str(bpf_objects), str(watched), str(outside), str(fifo_dir)],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"file_open probe: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs(
+        [sys.executable, "-c", CLASSIC, str(bpf_objects), str(watched), str(outside), str(fifo_dir)],
+        "file_open probe",
+    )
 
     classic = {"openat"} | set(NUMBERS)
     assert result["attached"] == {

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from node_agent.loader import LoadedProbe, cgroup2_mount, load_probe
 from node_agent.probes import get_probe
 from tests.support.procs import FleetscopeProcess
 from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -345,22 +345,15 @@ print(json.dumps(out))
 
 def test_classic_tracepoint_twins_measure_the_same(bpf_dir: Path, tmp_path: Path) -> None:
     """Run where tracefs is mounted (a private mount namespace), classic programs first."""
-    if shutil.which("unshare") is None:
-        require_real("histogram probes: `unshare` (util-linux) is needed for a private tracefs")
     script = tmp_path / "classic.py"
     script.write_text(CLASSIC)
     me = next(ln.split("::", 1)[1] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
     cgid = os.stat(cgroup2_mount() / me.lstrip("/")).st_ino
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tracefs tracefs /sys/kernel/tracing && exec {sys.executable} {script} "
-         f"{bpf_dir} {cgid} {tmp_path / 'classic.bin'}"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"histogram probes: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs(
+        [sys.executable, str(script), str(bpf_dir), str(cgid), str(tmp_path / "classic.bin")],
+        "histogram probes",
+        timeout=120,
+    )
     assert set(result["syscall"]["attached"].values()) == {
         "tracepoint__raw_syscalls__sys_enter",
         "tracepoint__raw_syscalls__sys_exit",

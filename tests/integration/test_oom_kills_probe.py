@@ -5,11 +5,8 @@ the kernel logs for it, and one fatal_signals row (SIGKILL from the kernel).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +17,7 @@ import pytest
 
 from node_agent.loader import load_probe
 from tests.support.memcg import MemoryCgroup, memory_cgroup
-from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 pytestmark = pytest.mark.root
 
@@ -153,18 +150,11 @@ def test_classic_tracepoint_reports_the_same_victim(bpf_objects: Path, memcg: Me
     """In a private tracefs, the classic tracepoint and raw_tp programs watch the same OOM
     kill: the rows agree field by field (the victim triggered it, so even the classic one
     knows its cgroup)."""
-    if shutil.which("unshare") is None:
-        require_real("oom_kills probe: `unshare` (util-linux) is needed for a private tracefs")
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tracefs tracefs /sys/kernel/tracing && exec "$0" -c "$@"',
-         sys.executable, CLASSIC, str(bpf_objects), str(memcg.v2_dir), *map(str, memcg.procs)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"oom_kills probe: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs(
+        [sys.executable, "-c", CLASSIC, str(bpf_objects), str(memcg.v2_dir), *map(str, memcg.procs)],
+        "oom_kills probe",
+        timeout=120,
+    )
     classic, raw = result["tracepoint__oom__mark_victim"], result["raw_tp__mark_victim"]
     assert len(classic) == len(raw) == 1
     differ = {k for k in raw[0] if k != "time_ns" and classic[0][k] != raw[0][k]}

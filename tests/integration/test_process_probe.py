@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import mmap
 import os
 import select
@@ -30,6 +29,7 @@ from node_agent.loader import LoadedProbe, load_probe
 from node_agent.probes import Hook, Probe, Stream, get_probe
 from node_agent.ringbuf import RingBuffer
 from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 REPO = Path(__file__).resolve().parents[2]
 BPF_DIR = REPO / "bpf"
@@ -316,8 +316,6 @@ async def test_forced_wakeup_wakes_the_event_loop(bpf_dir: Path) -> None:
 def test_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, tmp_path: Path) -> None:
     """The tracepoint programs are preferred; tracefs is mounted in a private mount
     namespace (the host's mounts stay untouched) to run them."""
-    if shutil.which("unshare") is None:
-        require_real("process probe: `unshare` (util-linux) is needed for a private tracefs")
     script = tmp_path / "tp.py"
     script.write_text(
         "import json, os, subprocess, sys\n"
@@ -341,15 +339,7 @@ def test_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, tmp_
         "    print(json.dumps({'attached': p.attached, 'filename': e['filename'][0].decode(),\n"
         "        'args': e['args'][0].decode(), 'code': int(x['exit_code'][0])}))\n"
     )
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tracefs tracefs /sys/kernel/tracing && exec {sys.executable} {script}"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"process probe: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs([sys.executable, str(script)], "process probe")
     assert result["attached"] == {
         "sched/sched_process_exec": "tracepoint__sched__sched_process_exec",
         "sched/sched_process_exit": "tracepoint__sched__sched_process_exit",

@@ -34,6 +34,7 @@ from node_agent.loader import LoadedProbe, cgroup2_mount, load_probe
 from node_agent.probes import tcp_connections
 from tests.support.procs import FleetscopeProcess
 from tests.support.real import require_real
+from tests.support.tracefs import run_in_private_tracefs
 
 REPO = Path(__file__).resolve().parents[2]
 BPF_DIR = REPO / "bpf"
@@ -490,8 +491,6 @@ def test_a_full_socket_table_counts_drops(bpf_dir: Path) -> None:
 def test_the_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, tmp_path: Path) -> None:
     """The tracepoint programs are preferred; a private mount namespace with tracefs runs
     them (the host's mounts stay untouched) and they produce the same rows."""
-    if shutil.which("unshare") is None:
-        require_real("tcp_connections probe: `unshare` (util-linux) is needed for a private tracefs")
     script = tmp_path / "tp.py"
     script.write_text(
         "import json, socket, time\n"
@@ -518,15 +517,7 @@ def test_the_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, 
         "    print(json.dumps({'attached': p.attached, 'rows': sorted(\n"
         "        [int(x['role']), int(x['bytes_sent']), int(x['bytes_received'])] for x in r)}))\n"
     )
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tracefs tracefs /sys/kernel/tracing && exec {sys.executable} {script}"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
-    if out.returncode and "tracefs" in out.stderr and "mount" in out.stderr:
-        require_real(f"tcp_connections probe: cannot mount a private tracefs: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_private_tracefs([sys.executable, str(script)], "tcp_connections probe")
     assert result["attached"] == {
         "sock/inet_sock_set_state": "tracepoint__sock__inet_sock_set_state",
         "tcp/tcp_receive_reset": "tracepoint__tcp__tcp_receive_reset",
