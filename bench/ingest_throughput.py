@@ -3,9 +3,9 @@
 Builds process_exec-shaped batches the way the agent does (Batcher + fast codec), then
 measures, in one run against the same embedded ClickHouse engine (chdb):
 
-- columnar: fleetscope's path, decode (numpy.frombuffer) + Native block + raw_insert with
-  the batch id as deduplication token, then the batch's fleet.batches record
-  (ingester.load.BatchLoader.insert), for several batch sizes: "agent" is what the agent
+- columnar: fleetscope's path, decode (numpy.frombuffer) + Native block + one raw_insert
+  with the batch id as deduplication token (ingester.load.BatchLoader.insert; the rows carry
+  the batch identity that the fleet.batches view reads), for several batch sizes: "agent" is what the agent
   cuts with its defaults (batch_max_rows 16384, batch_max_bytes 1 MiB: the byte bound,
   learned from the encoded size, ends a process_exec batch at ~8.5k rows), the others are
   fixed row counts; "agent:lc" is an experiment: the same batches with the String column
@@ -17,8 +17,7 @@ Rows/s per core = rows / CPU seconds of this process: the engine runs in-process
 insert, compression and background merge threads are included. Each measurement runs
 --repeat times (interleaved, fresh batch ids each time); the report gives the median and
 each value, and for the agent-sized batches where the CPU goes: decode, building the Native
-block, the rows insert, the fleet.batches insert, and the rest (Python around them,
-background merges).
+block, the insert, and the rest (Python around them, background merges between inserts).
 
 Usage: .venv/bin/python bench/ingest_throughput.py [--rows 600000] [--sizes agent,4096,16384,65536]
        [--repeat 3] [--out bench/results/ingest_throughput.txt]
@@ -253,7 +252,7 @@ def main() -> None:
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus: {os.cpu_count()}  engine: chdb (embedded ClickHouse)  "
         f"load before: {os.getloadavg()[0]:.2f}",
         f"process_exec rows, {a.rows:,} per measurement, {a.repeat} runs interleaved; median [each run]",
-        "columnar (fleetscope: decode + Native block + raw_insert + fleet.batches record):",
+        "columnar (fleetscope: decode + Native block + one raw_insert per batch):",
         *(lines_for(s, rates[s], walls[s], shapes[s]) for s in sizes),
         f"row-by-row baseline ({a.baseline_rows:,} rows, agent-sized batches): "
         f"{statistics.median(base_rates):,.0f} rows/s per core [{each(base_rates, ',.0f')}]",
@@ -262,10 +261,9 @@ def main() -> None:
         f"{statistics.median(rates[first]) / 500_000:.0%} of the target",
         "",
         "where the CPU goes: ms of CPU per batch (median of the runs) and share of the measurement's CPU",
-        f"  {'batch rows':>10} {'decode':>14} {'native block':>14} {'insert rows':>14} {'insert batches':>15} "
-        f"{'other':>6}",
+        f"  {'batch rows':>10} {'decode':>14} {'native block':>14} {'insert':>14} {'other':>6}",
     ]
-    keys = ["decode", "native block", "insert process_exec", "insert batches"]
+    keys = ["decode", "native block", "insert process_exec"]
     for size in sizes:
         n_batches = len(shapes[size])
         cells = []
@@ -275,7 +273,7 @@ def main() -> None:
             cells.append(f"{ms:7.2f} ({share:4.0%})")
         rest = statistics.median([(used - sum(c[k] for k in keys)) / used for used, c in breakdown[size]])
         rows_per = sum(b.rows for b in shapes[size]) / n_batches
-        out.append(f"  {rows_per:>10,.0f} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {cells[3]:>15} {rest:>6.0%}")
+        out.append(f"  {rows_per:>10,.0f} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {rest:>6.0%}")
     loader.close()
     shutil.rmtree(store, ignore_errors=True)
     path = Path(a.out)

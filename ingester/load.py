@@ -85,32 +85,23 @@ class BatchLoader:
         return decode_batch(schema, payload)
 
     def insert(self, batch: DecodedBatch, extra: Mapping[str, native.Values] | None = None) -> Loaded:
-        """Insert the rows, then the batch's record in fleet.batches, both deduplicated.
+        """Insert the rows in one insert, deduplicated on the batch id.
 
-        `extra` holds columns made for this batch in the ingester (the Kubernetes columns of
-        ingester/enrich); they win over batch columns of the same name."""
-        h = batch.header
-        settings = {"insert_deduplication_token": h.batch_id}
-        columns: Mapping[str, native.Values] = {**batch.columns, **extra} if extra else batch.columns
+        Every row carries its batch's identity (batch_epoch, batch_sequence, batch_rows), so
+        the rows are the record of the batch (view fleet.batches): a second insert per batch
+        would cost the engine as much again. `extra` holds columns made for this batch in
+        the ingester (the Kubernetes columns of ingester/enrich); they win over batch columns
+        of the same name."""
+        h, n = batch.header, batch.rows
+        columns: dict[str, native.Values] = {**batch.columns, **extra} if extra else dict(batch.columns)
+        columns["batch_epoch"] = np.full(n, h.epoch, "<u8")
+        columns["batch_sequence"] = np.full(n, h.sequence, "<u8")
+        columns["batch_rows"] = np.full(n, n, "<u4")
         with self._lock:
             names = [c for c in self._table_types(h.stream) if c == "node" or c in columns]
-            values: dict[str, native.Values] = {n: columns[n] for n in names if n != "node"}
-            values["node"] = native.constant_strings(h.node.host_name, batch.rows)
-            written = self._insert(h.stream, values, batch.rows, settings)
-            record: dict[str, np.ndarray | StringColumn] = {
-                "created": np.array([h.created_ns], "<i8"),
-                "epoch": np.array([h.epoch], "<u8"),
-                "sequence": np.array([h.sequence], "<u8"),
-                "rows": np.array([h.row_count], "<u4"),
-            }
-            node = h.node
-            for name, text in (
-                ("node", node.host_name), ("machine_id", node.machine_id), ("stream", h.stream),
-                ("kernel_release", node.kernel_release), ("agent_version", node.agent_version),
-                ("batch_id", h.batch_id),
-            ):  # fmt: skip
-                record[name] = native.constant_strings(text, 1)
-            self._insert("batches", record, 1, settings)
+            values: dict[str, native.Values] = {c: columns[c] for c in names if c != "node"}
+            values["node"] = native.constant_strings(h.node.host_name, n)
+            written = self._insert(h.stream, values, n, {"insert_deduplication_token": h.batch_id})
         return Loaded(batch, written)
 
     def insert_columns(
