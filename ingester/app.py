@@ -1,8 +1,9 @@
 """`fleetscope ingest`: a Kafka consumer-group member that loads batches into ClickHouse.
 
-At-least-once consumption plus insert deduplication on the batch id: offsets are
-committed only after ClickHouse acknowledged every batch up to them, so a crash or a
-rebalance redelivers, and the redelivered batch is deduplicated by ClickHouse.
+At-least-once consumption plus exactly-once storage: offsets are committed only after
+ClickHouse acknowledged every batch up to them, so a crash or a rebalance redelivers, and
+a redelivered batch is found in its table by its identity and left out (ingester/load.py).
+The worker stores what has been fetched together, one insert per stream.
 
 Two tasks: the poll loop fetches into a bounded in-flight queue (ingester/inflight.py) and
 pauses the partitions when it is full, so it keeps polling (the group's liveness check,
@@ -21,13 +22,15 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from fleetscope.codec import SCHEMA_MAJOR, SCHEMAS, BatchDecodeError
+from fleetscope import native
+from fleetscope.codec import SCHEMA_MAJOR, SCHEMAS, BatchDecodeError, DecodedBatch
 from fleetscope.config import IngestSettings
 from fleetscope.kafka_security import KafkaAuth
 from fleetscope.metrics import LATENCY_BUCKETS, Histogram
@@ -91,6 +94,17 @@ def screen(rec: ConsumerRecord, stream: str | None, max_bytes: int) -> tuple[str
         if m[2] != stream:
             return dlq.MALFORMED, f"fs-schema {text!r} names stream {m[2]!r}, the topic carries {stream!r}"
     return None
+
+
+@dataclass
+class _Fetched:
+    """A decoded message waiting for its stream's insert."""
+
+    rec: ConsumerRecord
+    stream: str
+    batch: DecodedBatch
+    k8s: Mapping[str, native.Values] | None  # Kubernetes identity columns (ingester/enrich)
+    trace: BatchTrace
 
 
 class Ingester:
@@ -334,8 +348,8 @@ class Ingester:
     async def _work(self) -> None:
         """Store or dead-letter the in-flight messages in fetch order; commit behind them."""
         while not self._stop.is_set():
-            taken = self.in_flight.take()
-            if taken is None:
+            taken = self.in_flight.take(self.settings.insert_max_bytes)
+            if not taken:
                 # idle: commit now if the last commit is old enough, else when it is or more comes
                 due = COMMIT_INTERVAL - (time.monotonic() - self._last_commit)
                 if due <= 0 or not self._uncommitted():
@@ -348,19 +362,19 @@ class Ingester:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._work_ready.wait(), due)
                 continue
-            tp, rec = taken
             generation = self._generation
             self._record_done.clear()
             try:
-                done = await self._load_record(rec, generation)
+                done = await self._load_records([rec for _, rec in taken], generation)
             finally:
                 self.in_flight.done()
                 self._record_done.set()
-            # A message abandoned (stop, or its partition revoked meanwhile) leaves the offset
-            # where it is: nothing after it in the partition may be committed before it.
+            # Messages abandoned (stop, or a partition revoked meanwhile) leave the offsets
+            # where they are: nothing after them in a partition may be committed before them.
             if not done or generation != self._generation:
                 continue
-            self._loaded[tp] = rec.offset + 1
+            for tp, rec in taken:  # fetch order: a partition's offsets ascend
+                self._loaded[tp] = rec.offset + 1
             if time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
                 await self._commit()
 
@@ -413,8 +427,7 @@ class Ingester:
             return
         self.counters["rebalances"] += 1
         dropped = self.in_flight.drop(revoked)
-        current = self.in_flight.current
-        if current is not None and current[0] in revoked:
+        if self.in_flight.taken_from() & revoked:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._record_done.wait(), REVOKE_WAIT)
         with contextlib.suppress(TimeoutError):
@@ -449,15 +462,28 @@ class Ingester:
             trace.end(error)
         self._traces.clear()
 
-    async def _load_record(self, rec: ConsumerRecord, generation: int) -> bool:
-        """Load one batch, retrying ClickHouse until it acknowledges, or dead-letter it; False
-        if abandoned (stopped, or the partition was revoked meanwhile)."""
+    async def _load_records(self, records: list[ConsumerRecord], generation: int) -> bool:
+        """Store these messages, one insert per stream, retrying ClickHouse until it
+        acknowledges, or dead-letter them; False if abandoned (stopped, or a partition was
+        revoked meanwhile)."""
+        groups: dict[str, list[_Fetched]] = {}
+        for rec in records:
+            fetched = await self._decode(rec)
+            if fetched is not None:
+                groups.setdefault(fetched.stream, []).append(fetched)
+        for stream, group in groups.items():
+            if not await self._store(stream, group, generation):
+                return False
+        return True
+
+    async def _decode(self, rec: ConsumerRecord) -> _Fetched | None:
+        """Check, decode and enrich a message; None when it went to the dead-letter topic."""
         assert self._loader is not None
         stream = self._topics.get(rec.topic, "")
         problem = screen(rec, self._topics.get(rec.topic), self.settings.max_batch_bytes)
         if problem is not None:
             await self.dead_letters.send(rec, *problem, self._stop.is_set)
-            return True
+            return None
         trace = NO_TRACE
         if self.tracer is not None:
             trace = self.tracer.batch(f"process {rec.topic}", rec.headers, {
@@ -471,13 +497,13 @@ class Ingester:
         except BatchDecodeError as e:
             await self.dead_letters.send(rec, dlq.MALFORMED, str(e), self._stop.is_set)
             trace.end(f"dead-lettered: {e}")
-            return True
+            return None
         except Exception as e:  # the decoder promises BatchDecodeError only (fuzzed); a bug must not stall us
             log.exception("decoding %s/%d@%d failed unexpectedly", rec.topic, rec.partition, rec.offset)
             reason = f"decoder error {type(e).__name__}: {e}"
             await self.dead_letters.send(rec, dlq.MALFORMED, reason, self._stop.is_set)
             trace.end(f"dead-lettered: {e}")
-            return True
+            return None
         node = batch.header.node.host_name
         trace.set("fleetscope.batch_id", batch.header.batch_id)
         trace.set("fleetscope.rows", batch.rows)
@@ -488,46 +514,80 @@ class Ingester:
             enrichment = await self.enricher.enrich(batch)
         if enrichment is not None and enrichment.unenriched:
             self.stats.add(node, stream, "rows_unenriched", enrichment.unenriched)
-        k8s_columns = enrichment.columns if enrichment is not None else None
-        backoff = Backoff(self.settings.retry_backoff_max)
-        spans = None
+        return _Fetched(rec, stream, batch, enrichment.columns if enrichment is not None else None, trace)
+
+    async def _store(self, stream: str, group: list[_Fetched], generation: int) -> bool:
+        """Insert a stream's fetched batches together, then write their spans; False if abandoned."""
+        assert self._loader is not None
+        loader, backoff = self._loader, Backoff(self.settings.retry_backoff_max)
+        items = [(f.batch, f.k8s) for f in group]
         while True:
-            started = time.monotonic()
+            started, started_ns = time.monotonic(), time.time_ns()
             try:
-                with trace.stage("insert", **{"db.system.name": "clickhouse", "db.collection.name": stream}):
-                    loaded: Loaded = await asyncio.to_thread(self._loader.insert, batch, k8s_columns)
-                if self.spans is not None and self.spans.covers(stream):
-                    with trace.stage("spans", **{"db.system.name": "clickhouse", "db.collection.name": "otel_traces"}):
-                        spans = await asyncio.to_thread(self.spans.write, batch, k8s_columns)
+                loaded: list[Loaded] = await asyncio.to_thread(loader.insert_group, stream, items)
                 break
             except UNSTORABLE as e:  # raised before anything is sent: the same on every retry
-                log.exception("batch %s cannot be stored", batch.header.batch_id)
-                await self.dead_letters.send(rec, dlq.MALFORMED, f"cannot be stored: {type(e).__name__}: {e}",
-                                             self._stop.is_set)  # fmt: skip
-                trace.end(f"dead-lettered: {e}")
+                if len(group) > 1:  # find which: each alone
+                    for f in group:
+                        if not await self._store(stream, [f], generation):
+                            return False
+                    return True
+                bad = group[0]
+                log.exception("batch %s cannot be stored", bad.batch.header.batch_id)
+                reason = f"cannot be stored: {type(e).__name__}: {e}"
+                await self.dead_letters.send(bad.rec, dlq.MALFORMED, reason, self._stop.is_set)
+                bad.trace.end(f"dead-lettered: {e}")
                 return True
             except Exception as e:
-                self.health.fail("insert", f"clickhouse inserts failing: {first_line(e)}")
-                self.counters["insert_retries"] += 1
-                delay = backoff.next()
-                log.warning("insert of %s failed: %s; retrying in %.1fs (offsets not committed)",
-                            batch.header.batch_id, first_line(e), delay)  # fmt: skip
-                if await self._sleep_unless_stopped(delay) or generation != self._generation:
-                    trace.end("stopped while retrying the insert")
+                if not await self._failed(f"insert of {len(group)} {stream} batches", e, backoff, generation):
+                    for f in group:
+                        f.trace.end("stopped while retrying the insert")
                     return False
         self.insert_latency.observe(time.monotonic() - started)
+        self.counters["insert_ms_total"] += int((time.monotonic() - started) * 1000)
         if self.health.ok("insert"):
             log.info("clickhouse inserts succeed again")
-        self.stats.add(node, stream, "batches_inserted")
-        self.stats.add(node, stream, "rows_inserted", loaded.rows_written)
-        self.stats.add(node, stream, "batches_duplicate", int(loaded.duplicate))
-        self.counters["insert_ms_total"] += int((time.monotonic() - started) * 1000)
-        if self.spans is not None and spans is not None:
-            self.stats.add(node, stream, "spans_written", len(spans))
-            await asyncio.to_thread(self.spans.export, spans)  # OTLP, once ClickHouse has them
-        if trace.recording:
-            self._traces.append(trace)  # ended after the commit
+        for f, result in zip(group, loaded, strict=True):
+            f.trace.record("insert", started_ns, time.time_ns(), **{"db.system.name": "clickhouse",
+                                                                    "db.collection.name": stream})  # fmt: skip
+            node = f.batch.header.node.host_name
+            self.stats.add(node, stream, "batches_inserted")
+            self.stats.add(node, stream, "rows_inserted", result.rows_written)
+            self.stats.add(node, stream, "batches_duplicate", int(result.duplicate))
+        if self.spans is not None and self.spans.covers(stream):
+            for f in group:
+                if not await self._write_spans(f, generation):
+                    return False
+        for f in group:
+            if f.trace.recording:
+                self._traces.append(f.trace)  # ended after the commit
         return True
+
+    async def _write_spans(self, f: _Fetched, generation: int) -> bool:
+        """The batch's kernel-derived spans into fleet.otel_traces (deduplicated), then OTLP."""
+        assert self.spans is not None
+        backoff = Backoff(self.settings.retry_backoff_max)
+        while True:
+            try:
+                with f.trace.stage("spans", **{"db.system.name": "clickhouse", "db.collection.name": "otel_traces"}):
+                    spans = await asyncio.to_thread(self.spans.write, f.batch, f.k8s)
+                break
+            except Exception as e:
+                if not await self._failed(f"spans of {f.batch.header.batch_id}", e, backoff, generation):
+                    f.trace.end("stopped while retrying the insert")
+                    return False
+        if spans is not None:
+            self.stats.add(f.batch.header.node.host_name, f.stream, "spans_written", len(spans))
+            await asyncio.to_thread(self.spans.export, spans)  # OTLP, once ClickHouse has them
+        return True
+
+    async def _failed(self, what: str, e: Exception, backoff: Backoff, generation: int) -> bool:
+        """Report a failed insert and wait before the retry; False if the work is abandoned."""
+        self.health.fail("insert", f"clickhouse inserts failing: {first_line(e)}")
+        self.counters["insert_retries"] += 1
+        delay = backoff.next()
+        log.warning("%s failed: %s; retrying in %.1fs (offsets not committed)", what, first_line(e), delay)
+        return not (await self._sleep_unless_stopped(delay) or generation != self._generation)
 
     def _dead_lettered(self, rec: ConsumerRecord, kind: str) -> None:
         """Count an acknowledged dead letter for its node (agents key messages by node) and

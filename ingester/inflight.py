@@ -22,10 +22,10 @@ class InFlight:
     def __init__(self) -> None:
         self._queue: collections.deque[tuple[TopicPartition, ConsumerRecord, int]] = collections.deque()
         self.bytes = 0
-        self.current: tuple[TopicPartition, ConsumerRecord, int] | None = None  # taken, not yet done
+        self.current: list[tuple[TopicPartition, ConsumerRecord, int]] = []  # taken, not yet done
 
     def __len__(self) -> int:
-        return len(self._queue) + (self.current is not None)
+        return len(self._queue) + len(self.current)
 
     def add(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         for rec in records:
@@ -33,17 +33,22 @@ class InFlight:
             self._queue.append((tp, rec, size))
             self.bytes += size
 
-    def take(self) -> tuple[TopicPartition, ConsumerRecord] | None:
-        """The oldest message, which stays counted until done()."""
-        if not self._queue:
-            return None
-        self.current = self._queue.popleft()
-        return self.current[0], self.current[1]
+    def take(self, max_bytes: int) -> list[tuple[TopicPartition, ConsumerRecord]]:
+        """The oldest messages, at least one and up to max_bytes; they stay counted until done()."""
+        taken = 0
+        while self._queue and (not self.current or taken + self._queue[0][2] <= max_bytes):
+            entry = self._queue.popleft()
+            self.current.append(entry)
+            taken += entry[2]
+        return [(tp, rec) for tp, rec, _ in self.current]
+
+    def taken_from(self) -> set[TopicPartition]:
+        """The partitions of the messages taken and not yet done."""
+        return {tp for tp, _, _ in self.current}
 
     def done(self) -> None:
-        if self.current is not None:
-            self.bytes -= self.current[2]
-            self.current = None
+        self.bytes -= sum(size for _, _, size in self.current)
+        self.current = []
 
     def drop(self, partitions: Collection[TopicPartition]) -> int:
         """Forget the queued messages of these partitions; returns how many."""

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,16 +26,30 @@ _NUMPY_FOR = {
 }  # fmt: skip
 
 
+BATCH_COLUMNS = ("batch_epoch", "batch_sequence", "batch_rows")  # the ingester's: every row's batch identity
+Extra = Mapping[str, native.Values] | None  # columns the ingester made for a batch (Kubernetes identity)
+
+
 @dataclass(frozen=True)
 class Loaded:
-    """What one load did: the batch and whether ClickHouse reported it as a duplicate."""
+    """What one load did with a batch: rows written, and whether it was stored already (left
+    out, or deduplicated by ClickHouse on the insert's token)."""
 
     batch: DecodedBatch
     rows_written: int
+    duplicate: bool = False
 
-    @property
-    def duplicate(self) -> bool:
-        return self.batch.rows > 0 and self.rows_written == 0
+
+def _key(batch: DecodedBatch) -> tuple[str, int, int]:
+    h = batch.header
+    return h.node.host_name, h.epoch, h.sequence
+
+
+def _token(batches: Sequence[DecodedBatch]) -> str:
+    """The insert's deduplication token: a lone batch's id, else a digest of the ids."""
+    if len(batches) == 1:
+        return batches[0].header.batch_id
+    return "g-" + hashlib.sha256("\n".join(b.header.batch_id for b in batches).encode()).hexdigest()[:40]
 
 
 def _is_objects(values: native.Values) -> bool:
@@ -84,25 +99,93 @@ class BatchLoader:
             raise BatchDecodeError(f"unknown stream {stream!r}")
         return decode_batch(schema, payload)
 
-    def insert(self, batch: DecodedBatch, extra: Mapping[str, native.Values] | None = None) -> Loaded:
-        """Insert the rows in one insert, deduplicated on the batch id.
+    def insert(self, batch: DecodedBatch, extra: Extra = None) -> Loaded:
+        """Insert one batch (see insert_group)."""
+        return self.insert_group(batch.header.stream, [(batch, extra)])[0]
 
-        Every row carries its batch's identity (batch_epoch, batch_sequence, batch_rows), so
-        the rows are the record of the batch (view fleet.batches): a second insert per batch
-        would cost the engine as much again. `extra` holds columns made for this batch in
-        the ingester (the Kubernetes columns of ingester/enrich); they win over batch columns
-        of the same name."""
+    def insert_group(self, stream: str, items: Sequence[tuple[DecodedBatch, Extra]]) -> list[Loaded]:
+        """Insert batches of one stream in one insert, each exactly once; a Loaded per item.
+
+        One insert is one part for the engine to write and merge, which costs about as much
+        for ten rows as for ten thousand, so the ingester stores what it has fetched together.
+        Every row carries its batch's identity (batch_epoch, batch_sequence, batch_rows; also
+        what the fleet.batches view reads), and batches whose rows are already in the table are
+        left out: a redelivery after a crash or rebalance (regrouped, so an insert token alone
+        would not match) or a copy the agent's spool sent again. The token (the batch id of a
+        lone batch) still makes a retried insert that did reach the engine a no-op. `extra`
+        columns win over batch columns of the same name."""
+        with self._lock:
+            stored = self._stored(stream, [b for b, _ in items])
+            out: list[Loaded | None] = [None] * len(items)
+            todo: list[int] = []
+            for i, (batch, _) in enumerate(items):
+                key = _key(batch)
+                have = stored.get(key, 0)
+                if have >= batch.rows:  # stored already, or earlier in this group
+                    out[i] = Loaded(batch, 0, duplicate=True)
+                    continue
+                if have:  # part of it: an insert cut short between its partitions' parts
+                    log.warning("batch %s is stored in part (%d of %d rows): replacing it",
+                                batch.header.batch_id, have, batch.rows)  # fmt: skip
+                    self._delete(stream, key)
+                stored[key] = batch.rows
+                todo.append(i)
+            blocks: dict[tuple[str, ...], list[int]] = {}
+            values_of: dict[int, dict[str, native.Values]] = {}
+            for i in todo:  # batches of older agents may lack columns: one insert per column set
+                batch, extra = items[i]
+                values = values_of[i] = self._values(stream, batch, extra)
+                if not self._native(stream, values):  # a type the Native writer lacks: alone
+                    written = self._insert(stream, values, batch.rows, {"insert_deduplication_token": _token([batch])})
+                    out[i] = Loaded(batch, written, duplicate=written == 0)
+                    continue
+                blocks.setdefault(tuple(values), []).append(i)
+            for names, members in blocks.items():
+                batches = [items[i][0] for i in members]
+                types = self._table_types(stream)
+                body = b"".join(
+                    native.block([(n, types[n], v) for n, v in values_of[i].items()], b.rows)
+                    for i, b in zip(members, batches, strict=True)
+                )  # consecutive Native blocks: the engine squashes them into one part
+                summary = self._client.raw_insert(qualified(stream), list(names), body, fmt="Native",
+                                                  settings={"insert_deduplication_token": _token(batches)})  # fmt: skip
+                deduplicated = int(summary.written_rows) == 0
+                for i, b in zip(members, batches, strict=True):
+                    out[i] = Loaded(b, 0 if deduplicated else b.rows, duplicate=deduplicated)
+        return [o for o in out if o is not None]
+
+    def _values(self, stream: str, batch: DecodedBatch, extra: Extra) -> dict[str, native.Values]:
+        """The batch's columns that the table has, with `node` and the batch identity."""
         h, n = batch.header, batch.rows
         columns: dict[str, native.Values] = {**batch.columns, **extra} if extra else dict(batch.columns)
         columns["batch_epoch"] = np.full(n, h.epoch, "<u8")
         columns["batch_sequence"] = np.full(n, h.sequence, "<u8")
         columns["batch_rows"] = np.full(n, n, "<u4")
-        with self._lock:
-            names = [c for c in self._table_types(h.stream) if c == "node" or c in columns]
-            values: dict[str, native.Values] = {c: columns[c] for c in names if c != "node"}
-            values["node"] = native.constant_strings(h.node.host_name, n)
-            written = self._insert(h.stream, values, n, {"insert_deduplication_token": h.batch_id})
-        return Loaded(batch, written)
+        columns["node"] = native.constant_strings(h.node.host_name, n)
+        return {c: columns[c] for c in self._table_types(stream) if c in columns}
+
+    def _native(self, stream: str, values: Mapping[str, native.Values]) -> bool:
+        types = self._table_types(stream)
+        return all(native.supported(types[n]) and not _is_objects(v) for n, v in values.items())
+
+    def _stored(self, stream: str, batches: Sequence[DecodedBatch]) -> dict[tuple[str, int, int], int]:
+        """Rows already in the table per batch identity; reads the tables' per-batch projection."""
+        keys = sorted({_key(b) for b in batches})
+        rows = self._client.query(
+            f"SELECT node, batch_epoch, batch_sequence, count() FROM {qualified(stream)} "
+            "WHERE (node, batch_epoch, batch_sequence) IN {keys:Array(Tuple(String, UInt64, UInt64))} "
+            "GROUP BY node, batch_epoch, batch_sequence",
+            parameters={"keys": keys},
+        ).result_rows
+        return {(str(n), int(e), int(s)): int(c) for n, e, s, c in rows}
+
+    def _delete(self, stream: str, key: tuple[str, int, int]) -> None:
+        """Remove a batch's rows (a mutation, which also rebuilds the parts' projections)."""
+        self._client.command(
+            f"ALTER TABLE {qualified(stream)} DELETE WHERE node = {{n:String}} AND batch_epoch = {{e:UInt64}} "
+            "AND batch_sequence = {s:UInt64}",
+            parameters={"n": key[0], "e": key[1], "s": key[2]}, settings={"mutations_sync": 2},
+        )  # fmt: skip
 
     def insert_columns(
         self, table: str, columns: Mapping[str, native.Values], rows: int | None = None, dedup_token: str = ""

@@ -14,6 +14,7 @@ from fleetscope import cli, config
 from fleetscope.codec import SCHEMAS
 from fleetscope.config import ConfigError, RunSettings
 from ingester.enrich import TABLE_COLUMNS
+from ingester.load import BATCH_COLUMNS
 from node_agent.errors import ProbeConfigError
 from node_agent.probes import file_open, get_probe
 
@@ -90,8 +91,8 @@ def test_file_open_columns_split_the_result_into_fd_and_errno() -> None:
 def test_columns_match_the_proto_and_the_table(probe: str) -> None:
     stream = get_probe(probe).streams[0]
     schema = SCHEMAS[stream.name]
-    # the CREATE and every later ALTER of the table; the ingester adds the k8s columns itself
+    # the CREATE and every later ALTER of the table; the ingester adds the k8s and batch columns itself
     sql = "".join(t for p in sorted(MIGRATIONS.glob("*.sql")) if f"fleet.{stream.name}\n" in (t := p.read_text()))
     table_columns = set(re.findall(r"^\s+(?:ADD COLUMN IF NOT EXISTS )?`(\w+)`", sql, re.M))
-    table_columns -= {"node", *TABLE_COLUMNS}
+    table_columns -= {"node", *TABLE_COLUMNS, *BATCH_COLUMNS}
     assert {c.name for c in schema.columns} == table_columns

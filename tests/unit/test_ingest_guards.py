@@ -55,11 +55,16 @@ def test_in_flight_counts_bytes_until_done_and_drops_revoked_partitions() -> Non
     fl.add(b, [record(b"x" * 50, offset=1)])
     per = 100 + len(b"node-a")
     assert (len(fl), fl.bytes) == (3, 2 * per + 50 + 6)
-    tp, rec = fl.take()  # type: ignore[misc]
+    [(tp, rec)] = fl.take(per)  # as many as fit in the bytes given (the second does not)
     assert (tp, rec.offset) == (a, 1) and fl.bytes == 2 * per + 56  # counted until done
+    assert fl.taken_from() == {a}
     assert fl.drop({a}) == 1 and fl.bytes == per + 56
     fl.done()
     assert (len(fl), fl.bytes) == (1, 56)
+    assert [r.offset for _, r in fl.take(1)] == [1]  # at least one, whatever its size
+    fl.done()
+    fl.add(a, [record(b"x" * 100, offset=3), record(b"x" * 100, offset=4)])
+    assert [r.offset for _, r in fl.take(10 * per)] == [3, 4] and len(fl) == 2
 
 
 def test_health_reports_problems_with_their_age() -> None:
