@@ -8,7 +8,9 @@ measures, in one run against the same embedded ClickHouse engine (chdb):
   the batch identity that the fleet.batches view reads), for several batch sizes: "agent" is what the agent
   cuts with its defaults (batch_max_rows 16384, batch_max_bytes 1 MiB: the byte bound,
   learned from the encoded size, ends a process_exec batch at ~8.5k rows), the others are
-  fixed row counts; "agent:lc" is an experiment: the same batches with the String column
+  fixed row counts; "agent:group" is what `fleetscope ingest` does with them: the fetched
+  batches of a stream in one insert of up to insert_max_bytes (16 MiB) of messages, after
+  asking the table which are stored already; "agent:lc" is an experiment: the same batches with the String column
   (args) sent in the Native block as LowCardinality(String), which the engine converts;
 - row-by-row baseline: the same rows decoded into Python tuples and inserted row-oriented
   through clickhouse-connect, the way a naive consumer would.
@@ -56,6 +58,7 @@ EXEC_DTYPE = np.dtype(
      ("args", "S1024")]
 )  # fmt: skip
 AGENT_MAX_ROWS, AGENT_MAX_BYTES = 16384, 1 << 20  # the agent's defaults (fleetscope.config)
+INSERT_MAX_BYTES = 16 << 20  # the ingester's default insert_max_bytes
 BASELINE_NAMES = [
     "time", "node", "pid", "ppid", "uid", "cgroup_id", "comm", "filename", "args", "argc", "args_truncated",
 ]  # fmt: skip
@@ -82,7 +85,7 @@ def records(n: int, rng: np.random.Generator, start: int = 0) -> np.ndarray:
 
 def make_batches(rows: int, size: str) -> list[Batch]:
     """rows of exec records cut into batches by a fresh Batcher (fresh epoch: new batch ids)."""
-    size = size.removesuffix(":lc")
+    size = size.split(":")[0]
     max_rows, max_bytes = (AGENT_MAX_ROWS, AGENT_MAX_BYTES) if size == "agent" else (int(size), 1 << 40)
     batcher = Batcher(node_identity("bench-node"), {"process_exec": exec_columns}, max_rows, max_bytes, 3600.0)
     rng = np.random.default_rng(1)
@@ -157,12 +160,24 @@ class Stages:
         self._active = False
 
 
-def columnar(client: Any, loader: BatchLoader, batches: list[Batch]) -> tuple[float, float]:
+def groups(batches: list[Batch], grouped: bool) -> list[list[Batch]]:
+    """Batches as the ingester inserts them: alone, or together up to insert_max_bytes."""
+    if not grouped:
+        return [[b] for b in batches]
+    out: list[list[Batch]] = [[]]
+    for b in batches:
+        if out[-1] and sum(len(x.payload) for x in out[-1]) + len(b.payload) > INSERT_MAX_BYTES:
+            out.append([])
+        out[-1].append(b)
+    return out
+
+
+def columnar(client: Any, loader: BatchLoader, batches: list[Batch], grouped: bool = False) -> tuple[float, float]:
     """(CPU s, wall s) to decode and insert these batches."""
     client.command("TRUNCATE TABLE fleet.process_exec")
     wall0, cpu0 = time.perf_counter(), cpu()
-    for b in batches:
-        loader.insert(loader.decode("process_exec", b.payload))
+    for group in groups(batches, grouped):
+        loader.insert_group("process_exec", [(loader.decode("process_exec", b.payload), None) for b in group])
     wall, used = time.perf_counter() - wall0, cpu() - cpu0
     stored = client.query("SELECT count() FROM fleet.process_exec").result_rows[0][0]
     assert stored == sum(b.rows for b in batches), stored
@@ -194,7 +209,7 @@ def lines_for(name: str, rates: list[float], walls: list[float], batches: list[B
     rows = sum(b.rows for b in batches)
     per_batch = rows / len(batches)
     return (
-        f"{name:>7}: {per_batch:>7,.0f} rows/batch {sum(len(b.payload) for b in batches) / rows:4.0f} B/row"
+        f"{name:>11}: {per_batch:>7,.0f} rows/batch {sum(len(b.payload) for b in batches) / rows:4.0f} B/row"
         f" -> {statistics.median(rates):>9,.0f} rows/s per core [{each(rates, ',.0f')}]"
         f"  ({statistics.median(walls):,.0f} rows/s wall)"
     )
@@ -205,8 +220,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=600_000, help="rows per columnar measurement")
     ap.add_argument(
         "--sizes",
-        default="agent,agent:lc,4096,16384,65536",
-        help="batch sizes: 'agent' or rows; ':lc' sends String columns as LowCardinality (an experiment)",
+        default="agent:group,agent,agent:lc,4096,16384,65536",
+        help="batch sizes: 'agent' or rows; ':group' inserts them as the ingester does (together up to "
+        "insert_max_bytes); ':lc' sends String columns as LowCardinality (an experiment)",
     )
     ap.add_argument("--baseline-rows", type=int, default=60_000)
     ap.add_argument("--repeat", type=int, default=3)
@@ -236,7 +252,7 @@ def main() -> None:
             stages.cpu.clear()
             StringsAsLowCardinality.on = size.endswith(":lc")
             with stages:
-                used, wall = columnar(client, loader, batches)
+                used, wall = columnar(client, loader, batches, grouped=size.endswith(":group"))
             rates[size].append(rows / used)
             walls[size].append(rows / wall)
             breakdown[size].append((used, Counter(stages.cpu)))
@@ -252,7 +268,7 @@ def main() -> None:
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus: {os.cpu_count()}  engine: chdb (embedded ClickHouse)  "
         f"load before: {os.getloadavg()[0]:.2f}",
         f"process_exec rows, {a.rows:,} per measurement, {a.repeat} runs interleaved; median [each run]",
-        "columnar (fleetscope: decode + Native block + one raw_insert per batch):",
+        "columnar (fleetscope: decode + Native block + raw_insert; one insert per batch, or per group with :group):",
         *(lines_for(s, rates[s], walls[s], shapes[s]) for s in sizes),
         f"row-by-row baseline ({a.baseline_rows:,} rows, agent-sized batches): "
         f"{statistics.median(base_rates):,.0f} rows/s per core [{each(base_rates, ',.0f')}]",
@@ -261,7 +277,7 @@ def main() -> None:
         f"{statistics.median(rates[first]) / 500_000:.0%} of the target",
         "",
         "where the CPU goes: ms of CPU per batch (median of the runs) and share of the measurement's CPU",
-        f"  {'batch rows':>10} {'decode':>14} {'native block':>14} {'insert':>14} {'other':>6}",
+        f"  {'size':>11} {'batch rows':>10} {'decode':>14} {'native block':>14} {'insert':>14} {'other':>6}",
     ]
     keys = ["decode", "native block", "insert process_exec"]
     for size in sizes:
@@ -273,7 +289,7 @@ def main() -> None:
             cells.append(f"{ms:7.2f} ({share:4.0%})")
         rest = statistics.median([(used - sum(c[k] for k in keys)) / used for used, c in breakdown[size]])
         rows_per = sum(b.rows for b in shapes[size]) / n_batches
-        out.append(f"  {rows_per:>10,.0f} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {rest:>6.0%}")
+        out.append(f"  {size:>11} {rows_per:>10,.0f} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {rest:>6.0%}")
     loader.close()
     shutil.rmtree(store, ignore_errors=True)
     path = Path(a.out)
