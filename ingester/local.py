@@ -68,7 +68,8 @@ class LocalIngest:
                 self.stats.add(node, batch.stream, "rows_unenriched", enrichment.unenriched)
             k8s_columns = enrichment.columns if enrichment is not None else None
             with trace.stage("insert", **{"db.system.name": "clickhouse", "db.collection.name": batch.stream}):
-                loaded = await asyncio.to_thread(self.loader.insert, decoded, k8s_columns)
+                # handed over once, in memory: no redelivery to look for
+                loaded = await asyncio.to_thread(self.loader.insert, decoded, k8s_columns, False)
             if self.spans is not None and self.spans.covers(batch.stream):
                 with trace.stage("spans", **{"db.system.name": "clickhouse", "db.collection.name": "otel_traces"}):
                     spans = await asyncio.to_thread(self.spans.write, decoded, k8s_columns)
