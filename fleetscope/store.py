@@ -23,6 +23,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError,
 from fleetscope.config import REPO_ROOT
 from fleetscope.credentials import mask_dsn, scrub
 from fleetscope.errors import MigrationError, StoreError
+from fleetscope.rebuild import RebuildSpec, rebuild_table
 from fleetscope.retry import first_line
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def connect(dsn: str, password: str = "") -> Client:
 class Migration:
     version: int
     name: str
-    sql: str
+    sql: str  # the file's text: one SQL statement, or the YAML of a rebuild
+    rebuild: RebuildSpec | None = None
 
     @property
     def checksum(self) -> str:
@@ -69,21 +71,29 @@ class Migration:
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Numbered files NNNN_<what>.sql, one statement each, in version order."""
+    """Numbered files in version order: NNNN_<what>.sql, one statement each, or
+    NNNN_<what>.rebuild.yaml, a table's new sorting key (fleetscope/rebuild.py)."""
     out = []
-    for path in sorted(directory.glob("*.sql")):
-        m = re.fullmatch(r"(\d{4})_(\w+)\.sql", path.name)
+    for path in sorted([*directory.glob("*.sql"), *directory.glob("*.yaml")]):
+        m = re.fullmatch(r"(\d{4})_(\w+)\.(sql|rebuild\.yaml)", path.name)
         if not m:
-            raise MigrationError(f"{path}: migration files are named NNNN_<what>.sql")
-        out.append(Migration(int(m.group(1)), m.group(2), path.read_text()))
-    return out
+            raise MigrationError(f"{path}: migration files are named NNNN_<what>.sql or NNNN_<what>.rebuild.yaml")
+        text = path.read_text()
+        spec = RebuildSpec.parse(text, str(path)) if m.group(3) != "sql" else None
+        out.append(Migration(int(m.group(1)), m.group(2), text, spec))
+    versions = [m.version for m in out]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{directory}: two migration files share a number")
+    return sorted(out, key=lambda m: m.version)
 
 
 def migrate(client: Client, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply the migrations not yet recorded in fleet.schema_migrations; returns those applied.
 
     Idempotent and safe to run from several ingesters at once: every statement is
-    IF NOT EXISTS and schema_migrations collapses duplicate versions.
+    IF NOT EXISTS and schema_migrations collapses duplicate versions. A rebuild (new
+    sorting key) runs under a lock in ClickHouse and resumes where a crashed run stopped;
+    other migrators wait for it. A migration is recorded only once it has completed.
     """
     client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(DATABASE)}")
     client.command(
@@ -104,7 +114,12 @@ def migrate(client: Client, directory: Path = MIGRATIONS_DIR) -> list[Migration]
                 )
             continue
         try:
-            client.command(mig.sql)
+            if mig.rebuild is not None:
+                rebuild_table(client, DATABASE, mig.rebuild)
+            else:
+                client.command(mig.sql)
+        except OperationalError as e:  # connection trouble: retriable, and a rebuild resumes
+            raise StoreError(f"migration {mig.version:04d}_{mig.name} interrupted: {first_line(e)}") from e
         except DatabaseError as e:
             raise MigrationError(f"migration {mig.version:04d}_{mig.name} failed: {first_line(e)}") from e
         client.insert(

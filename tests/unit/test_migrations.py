@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fleetscope.errors import MigrationError
+from fleetscope.store import load_migrations
+
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -66,3 +71,24 @@ def test_every_mergetree_table_deduplicates_and_a_batch_is_stored_once(tmp_path:
     assert result["again"]
     # stored twice: its rows count once in `stored`, the second copy as a duplicate
     assert result["loss"] == [[3, 0, 1]]
+
+
+def test_rebuild_migrations_are_parsed_and_checked(tmp_path: Path) -> None:
+    good = "# why\ntable: process_exec\norder_by: [k8s_namespace, k8s_workload, node, time]\n"
+    (tmp_path / "0001_a.sql").write_text("SELECT 1")
+    (tmp_path / "0002_a_key.rebuild.yaml").write_text(good)
+    migs = load_migrations(tmp_path)
+    assert [(m.version, m.name) for m in migs] == [(1, "a"), (2, "a_key")]
+    assert migs[1].rebuild is not None and migs[1].rebuild.sorting_key == "k8s_namespace, k8s_workload, node, time"
+    assert migs[1].checksum != migs[0].checksum
+    for bad in ("table: t\n", "table: t\norder_by: []\n", "table: t\norder_by: [a]\nengine: x\n",
+                "table: t; DROP\norder_by: [a]\n", "order_by: [toDate(time)]\ntable: t\n", "table: [\n",
+                "table: t\norder_by: [a]\nindexes: {i: a}\n",
+                "table: t\norder_by: [a]\nindexes: [a TYPE set]\n"):  # fmt: skip
+        (tmp_path / "0002_a_key.rebuild.yaml").write_text(bad)
+        with pytest.raises(MigrationError, match=r"0002_a_key\.rebuild\.yaml"):
+            load_migrations(tmp_path)
+    (tmp_path / "0002_a_key.rebuild.yaml").write_text(good)
+    (tmp_path / "0002_b.sql").write_text("SELECT 1")
+    with pytest.raises(MigrationError, match="share a number"):
+        load_migrations(tmp_path)
