@@ -11,16 +11,19 @@
  *
  * signal:signal_generate (current = the sender) remembers, per target process, the last
  * of these signals actually queued (result TRACE_SIGNAL_DELIVERED); the exit of a process
- * killed by one of them looks it up and forgets it. A fault (SIGSEGV, SIGBUS) or abort() names the process itself as
- * sender, with the fault's si_code; the OOM killer names the task whose allocation ran
- * out, with SI_KERNEL. */
+ * killed by one of them looks it up. A fault (SIGSEGV, SIGBUS) or abort() names the process
+ * itself as sender, with the fault's si_code; the OOM killer names the task whose allocation
+ * ran out, with SI_KERNEL. The process probe's exit program reads the same map when the
+ * loader made it share it (exit_join.bpf.h), so nothing here deletes an entry: the LRU
+ * bounds the map and the start time test keeps an entry from a later process's pid. */
 #include "common.bpf.h"
 #include "fatal_signals.h"
+#define EXIT_JOIN_SENDERS
+#include "exit_join.bpf.h"
 
 #define TRACE_SIGNAL_DELIVERED 0 /* include/trace/events/signal.h */
 #define SI_USER 0
 #define SI_KERNEL 0x80
-#define SENDERS_MAX 4096 /* processes with a remembered signal at a time (LRU) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -34,23 +37,14 @@ struct {
 	__type(value, struct stream_stats);
 } fatal_signals_stats SEC(".maps");
 
-/* Who generated the last fatal-kind signal queued for a process. */
-struct sender {
-	__u64 time_ns;
-	__u64 cgroup_id;
-	__u32 pid;
-	__u32 uid;
-	__s32 code;
-	__u32 sig;
-	char comm[FATAL_SIGNALS_COMM_LEN];
-};
-
+/* slot 0: 1 while the process probe runs with fatal_signals_senders shared (set by the
+ * loader after it attached): its process_exit records carry the signals */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, SENDERS_MAX);
-	__type(key, __u32); /* target tgid */
-	__type(value, struct sender);
-} fatal_signals_senders SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} fatal_signals_joined SEC(".maps");
 
 /* Before 6.16 sched_process_exit has no group_dead: signal->live == 0 stands in for it,
  * which two threads exiting at once can both see; the first to insert its signal_struct
@@ -76,7 +70,7 @@ static __always_inline bool worth_remembering(int sig, int result)
 /* Remember the sender (the current task) of a signal queued for process tgid. */
 static __always_inline int remember(int sig, int code, __u32 tgid)
 {
-	struct sender s = {};
+	struct fatal_signals_sender s = {};
 	__u64 id;
 
 	id = bpf_get_current_pid_tgid();
@@ -97,29 +91,30 @@ static __always_inline int handle_exit(bool group_dead)
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct fatal_signals_event *e;
-	struct sender *s;
+	struct fatal_signals_sender *s;
+	__u32 zero = 0, *joined;
 	int code, sig;
 
 	if (!group_dead)
 		return 0;
 
 	/* the group's exit code: the signal's number (| 0x80 if it dumped core), or
-	 * status << 8 for a normal exit, which costs nothing more. A sender remembered for
-	 * a process that then survived stays in the LRU map; the start time test below
-	 * keeps it from being taken for a later process with the same pid. */
+	 * status << 8 for a normal exit, which costs nothing more. A remembered sender stays
+	 * in the LRU map (the process probe may read it after this); the start time test
+	 * below keeps it from being taken for a later process with the same pid. */
 	code = BPF_CORE_READ(task, exit_code);
 	sig = code & 0x7f;
 	if (sig >= 32 || !(FATAL_SIGNALS_MASK & (1U << sig))) /* real-time signals kill too */
 		return 0;
-	s = bpf_map_lookup_elem(&fatal_signals_senders, &tgid);
 	if (!filter_pass())
-		goto forget;
+		return 0;
+	s = bpf_map_lookup_elem(&fatal_signals_senders, &tgid);
 
 	/* reserve a record in the ring buffer, counted (a full ring counts a drop) */
 	e = stream_reserve(&fatal_signals_events, sizeof(*e), &fatal_signals_stats,
 			   FATAL_SIGNALS_STREAM);
 	if (!e)
-		goto forget;
+		return 0;
 
 	/* who died, of what */
 	e->time_ns = bpf_ktime_get_boot_ns();
@@ -129,6 +124,12 @@ static __always_inline int handle_exit(bool group_dead)
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->signal = sig;
 	e->flags = code & 0x80 ? FATAL_SIGNALS_CORE_DUMPED : 0;
+	/* the process probe's record of the leader's exit carries this signal when the leader
+	 * died of it too (its exit_code is set before it leaves the group); one that exited on
+	 * its own earlier (pthread_exit) reported another end: this row keeps the signal */
+	joined = bpf_map_lookup_elem(&fatal_signals_joined, &zero);
+	if (joined && *joined && (BPF_CORE_READ(task, group_leader, exit_code) & 0x7f) == sig)
+		e->flags |= FATAL_SIGNALS_IN_PROCESS_EXIT;
 	__builtin_memset(e->comm, 0, sizeof(e->comm));
 	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), BPF_CORE_READ(task, group_leader, comm));
 
@@ -150,9 +151,6 @@ static __always_inline int handle_exit(bool group_dead)
 
 	/* publish the record */
 	stream_submit(&fatal_signals_events, e);
-forget:
-	if (s)
-		bpf_map_delete_elem(&fatal_signals_senders, &tgid);
 	return 0;
 }
 

@@ -14,6 +14,9 @@
 /* fatal_signals_event.flags */
 #define FATAL_SIGNALS_CORE_DUMPED (1U << 0)  /* a core dump was written */
 #define FATAL_SIGNALS_SENDER_KNOWN (1U << 1) /* the sender fields are filled */
+/* the process probe runs with this probe's senders map: the process's process_exit record
+ * carries the signal and its sender (exit_join.bpf.h) */
+#define FATAL_SIGNALS_IN_PROCESS_EXIT (1U << 2)
 
 /* Index into the fatal_signals_stats per-CPU array (value: struct stream_stats). */
 enum fatal_signals_stream {

@@ -12,9 +12,15 @@
  *    and figures but no task: the victim's cgroup is known only when the victim is the
  *    trigger itself, otherwise cgroup_id is 0.
  * raw_tp is listed first: it is the exact one. The pid filter applies to the victim; the
- * cgroup filter, which can only test the current task, to the trigger. */
+ * cgroup filter, which can only test the current task, to the trigger.
+ *
+ * Each victim is also stored in oom_victims, keyed by its pid and start time, which the
+ * process probe's exit program reads when the loader made it share the map
+ * (exit_join.bpf.h): the victim's process_exit record then carries the kill. */
 #include "common.bpf.h"
 #include "oom_kills.h"
+#define EXIT_JOIN_OOM_VICTIMS
+#include "exit_join.bpf.h"
 
 /* knobs, written into .rodata by the loader before load */
 const volatile __u32 page_shift = 12; /* log2(page size): mm counters are in pages */
@@ -30,6 +36,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct stream_stats);
 } oom_kills_stats SEC(".maps");
+
+/* slot 0: 1 while the process probe runs with oom_victims shared (set by the loader after
+ * it attached), so a victim stored from then on reaches its process_exit record */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} oom_kills_joined SEC(".maps");
 
 /* keep the record type in the object's BTF: user space builds its dtype from it */
 const struct oom_kills_event *unused_oom_kills_event __attribute__((unused));
@@ -56,6 +71,33 @@ static __always_inline __u64 mm_counter(struct mm_struct *mm, int member)
 	else
 		v = BPF_CORE_READ(mm, rss_stat[member].count);
 	return v > 0 ? v : 0;
+}
+
+/* Store the victim (tgid, leader's start time) for its process_exit record; flag the record
+ * when the process probe reads the map and the leader's exit is still to come: a leader with
+ * an mm has not reached exit_mm(), which precedes its sched_process_exit (the OOM killer
+ * picks a thread with an mm, which need not be the leader). A leader already past it may or
+ * may not have looked: the record keeps the kill (a second report rather than none). */
+static __always_inline void remember_victim(struct oom_kills_event *e, struct task_struct *leader)
+{
+	struct oom_victim_key key = { .start_ns = BPF_CORE_READ(leader, start_boottime), .tgid = e->pid };
+	struct oom_victim v = {
+		.time_ns = e->time_ns,
+		.total_vm_kb = e->total_vm_kb,
+		.anon_rss_kb = e->anon_rss_kb,
+		.file_rss_kb = e->file_rss_kb,
+		.shmem_rss_kb = e->shmem_rss_kb,
+		.pgtables_kb = e->pgtables_kb,
+		.trigger_pid = e->trigger_pid,
+		.oom_score_adj = e->oom_score_adj,
+	};
+	__u32 zero = 0, *joined;
+
+	if (bpf_map_update_elem(&oom_victims, &key, &v, BPF_ANY))
+		return;
+	joined = bpf_map_lookup_elem(&oom_kills_joined, &zero);
+	if (joined && *joined && BPF_CORE_READ(leader, mm))
+		e->flags |= OOM_KILLS_IN_PROCESS_EXIT;
 }
 
 /* The task whose allocation triggered the kill: the current task. */
@@ -108,6 +150,9 @@ int BPF_PROG(raw_tp__mark_victim, struct task_struct *task, uid_t uid)
 		e->shmem_rss_kb = e->pgtables_kb = 0;
 	}
 
+	/* hand the kill to the victim's process_exit record */
+	remember_victim(e, BPF_CORE_READ(task, group_leader));
+
 	/* publish the record */
 	stream_submit(&oom_kills_events, e);
 	return 0;
@@ -155,6 +200,11 @@ int tracepoint__oom__mark_victim(struct trace_event_raw_mark_victim *ctx)
 	e->oom_score_adj = bpf_core_field_exists(ctx->oom_score_adj) ? ctx->oom_score_adj : 0;
 	if (!bpf_core_field_exists(ctx->anon_rss))
 		e->flags |= OOM_KILLS_NO_FIGURES;
+
+	/* hand the kill to the victim's process_exit record: only a victim that is the current
+	 * task has a known start time here */
+	if (is_current)
+		remember_victim(e, BPF_CORE_READ((struct task_struct *)bpf_get_current_task(), group_leader));
 
 	/* publish the record */
 	stream_submit(&oom_kills_events, e);

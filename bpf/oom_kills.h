@@ -10,6 +10,9 @@
 
 /* oom_kills_event.flags */
 #define OOM_KILLS_NO_FIGURES (1U << 0) /* kernel before 6.8: the tracepoint has no memory figures */
+/* the process probe runs with this probe's oom_victims map and the victim was stored there:
+ * the victim's process_exit record carries this kill (exit_join.bpf.h) */
+#define OOM_KILLS_IN_PROCESS_EXIT (1U << 1)
 
 /* Index into the oom_kills_stats per-CPU array (value: struct stream_stats). */
 enum oom_kills_stream {

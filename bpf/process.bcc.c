@@ -166,6 +166,17 @@ FS_INLINE int handle_exit(void)
 	e->exit_code = (code >> 8) & 0xff;
 	e->signal = code & 0x7f;
 
+	/* the OOM kill and signal sender fields stay zero: bcc shares no maps with the
+	 * oom_kills / fatal_signals probes (exit_join.bpf.h); reserved memory is not zeroed */
+	e->flags = 0;
+	e->oom_delay_ns = e->oom_total_vm_kb = e->oom_anon_rss_kb = e->oom_file_rss_kb = 0;
+	e->oom_shmem_rss_kb = e->oom_pgtables_kb = e->signal_delay_ns = 0;
+	e->oom_trigger_pid = e->signal_sender_pid = e->signal_sender_uid = 0;
+	e->signal_code = 0;
+	e->oom_score_adj = 0;
+	e->pad = 0;
+	__builtin_memset(e->signal_sender_comm, 0, sizeof(e->signal_sender_comm));
+
 	/* publish the record */
 	stream_submit(FS_MAP(process_exit_events), e);
 	return 0;

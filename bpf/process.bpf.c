@@ -7,9 +7,19 @@
  * that works per hook. */
 #include "common.bpf.h"
 #include "process.h"
+#include "fatal_signals.h" /* FATAL_SIGNALS_MASK */
+#define EXIT_JOIN_OOM_VICTIMS
+#define EXIT_JOIN_SENDERS
+#include "exit_join.bpf.h"
+
+#define SIGKILL 9
 
 /* knobs, written into .rodata by the loader before load */
 const volatile __u32 args_max = 512; /* bytes of argv to copy, clamped to PROCESS_ARGS_MAX */
+/* set by the loader when this object reuses oom_kills' oom_victims / fatal_signals'
+ * fatal_signals_senders (exit_join.bpf.h); otherwise those lookups are skipped */
+const volatile __u32 oom_victims_shared = 0;
+const volatile __u32 senders_shared = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -110,6 +120,9 @@ static __always_inline int handle_exit(void)
 	__u32 tgid = id >> 32;
 	struct task_struct *exec_task = NULL;
 	struct process_exit_event *e;
+	struct fatal_signals_sender *s;
+	struct oom_victim *v;
+	__u64 start;
 	int code;
 
 	/* a process ends with its thread-group leader; other threads' exits are skipped */
@@ -134,8 +147,9 @@ static __always_inline int handle_exit(void)
 		return 0;
 
 	/* who, when and for how long (both clocks are boot time, ns) */
+	start = BPF_CORE_READ(task, start_boottime);
 	e->time_ns = bpf_ktime_get_boot_ns();
-	e->duration_ns = e->time_ns - BPF_CORE_READ(task, start_boottime);
+	e->duration_ns = e->time_ns - start;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->pid = tgid;
 	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
@@ -145,6 +159,48 @@ static __always_inline int handle_exit(void)
 	code = BPF_CORE_READ(task, exit_code);
 	e->exit_code = (code >> 8) & 0xff;
 	e->signal = code & 0x7f;
+
+	/* reserved memory is not zeroed: every joined field starts at zero */
+	e->flags = senders_shared ? PROCESS_EXIT_SIGNALS_JOINED : 0;
+	e->oom_delay_ns = e->oom_total_vm_kb = e->oom_anon_rss_kb = e->oom_file_rss_kb = 0;
+	e->oom_shmem_rss_kb = e->oom_pgtables_kb = e->signal_delay_ns = 0;
+	e->oom_trigger_pid = e->signal_sender_pid = e->signal_sender_uid = 0;
+	e->signal_code = 0;
+	e->oom_score_adj = 0;
+	e->pad = 0;
+	__builtin_memset(e->signal_sender_comm, 0, sizeof(e->signal_sender_comm));
+
+	/* an OOM victim dies of SIGKILL: the figures oom_kills recorded at the kill */
+	if (oom_victims_shared && e->signal == SIGKILL) {
+		struct oom_victim_key key = { .start_ns = start, .tgid = tgid };
+
+		v = bpf_map_lookup_elem(&oom_victims, &key);
+		if (v) {
+			e->flags |= PROCESS_EXIT_OOM_KILLED;
+			e->oom_delay_ns = e->time_ns - v->time_ns;
+			e->oom_total_vm_kb = v->total_vm_kb;
+			e->oom_anon_rss_kb = v->anon_rss_kb;
+			e->oom_file_rss_kb = v->file_rss_kb;
+			e->oom_shmem_rss_kb = v->shmem_rss_kb;
+			e->oom_pgtables_kb = v->pgtables_kb;
+			e->oom_trigger_pid = v->trigger_pid;
+			e->oom_score_adj = v->oom_score_adj;
+		}
+	}
+
+	/* the sender of a fatal signal, as fatal_signals remembered it for this process (an
+	 * entry older than the process belongs to an earlier one with the same pid) */
+	if (senders_shared && e->signal < 32 && (FATAL_SIGNALS_MASK & (1U << e->signal))) {
+		s = bpf_map_lookup_elem(&fatal_signals_senders, &tgid);
+		if (s && s->sig == e->signal && s->time_ns >= start) {
+			e->flags |= PROCESS_EXIT_SENDER_KNOWN;
+			e->signal_delay_ns = e->time_ns - s->time_ns;
+			e->signal_sender_pid = s->pid;
+			e->signal_sender_uid = s->uid;
+			e->signal_code = s->code;
+			__builtin_memcpy(e->signal_sender_comm, s->comm, sizeof(e->signal_sender_comm));
+		}
+	}
 
 	/* publish the record */
 	stream_submit(&process_exit_events, e);

@@ -2,8 +2,11 @@
 
 One span per TCP connection end (client or server), per process whose lifetime reached a
 threshold (from its exit row alone: the exit knows its lifetime, so the span is exact and
-needs no state), per fatal signal and per OOM kill. The builder works on whole columns
-(numpy, dictionary-encoded strings); only the OTLP hand-over makes one SDK object per span.
+needs no state), per fatal signal and per OOM kill. The node joins the last two into the
+exit row (bpf/exit_join.bpf.h): they become events of the process span, or spans made from
+the exit row when the process is too short for one; their own rows then say in_process_exit
+and make no span. The builder works on whole columns (numpy, dictionary-encoded strings);
+only the OTLP hand-over makes one SDK object per span.
 
 Ids are derived from (node, stream, batch id, row): a redelivered batch yields the same
 spans, which fleet.otel_traces deduplicates with the token "<batch id>:spans".
@@ -191,12 +194,95 @@ class SpanSet:
     status_message: StringColumn
     resource: list[Attr]
     attributes: list[Attr]
-    event: np.ndarray | None = None  # bool per row: the span has one event
-    event_name: StringColumn | None = None
-    event_attributes: list[Attr] = field(default_factory=list)
+    events: list[EventSet] = field(default_factory=list)  # kinds of events; a span has any of them
 
     def __len__(self) -> int:
         return len(self.source_rows)
+
+
+@dataclass
+class EventSet:
+    """One kind of span event over all spans of a SpanSet: which spans have it, when, its
+    name and attributes (per span row)."""
+
+    present: np.ndarray  # bool per span
+    time_ns: np.ndarray  # per span
+    name: StringColumn
+    attributes: list[Attr] = field(default_factory=list)
+
+
+def concat_strings(cols: Sequence[StringColumn]) -> StringColumn:
+    """The rows of several columns one after the other (their dictionaries merged)."""
+    data, offsets, bases = merge(cols)
+    index = np.concatenate([c.index.astype(np.int64) + b for c, b in zip(cols, bases, strict=True)] or [[]])
+    return StringColumn(data, offsets, index.astype("<u4"))
+
+
+def reorder(attr: Attr, order: np.ndarray) -> Attr:
+    """The attribute with its rows taken in `order`."""
+    values = attr.values[order] if isinstance(attr.values, np.ndarray) else take(attr.values, order)
+    return Attr(attr.key, values, None if attr.present is None else attr.present[order])
+
+
+def stack_attrs(blocks: Sequence[tuple[Sequence[Attr], int]]) -> list[Attr]:
+    """Attribute lists of consecutive row blocks ((attrs, rows) each) as one list over all
+    rows: every key once, in order of first appearance, absent in the blocks without it."""
+    keys: dict[str, Attr] = {}
+    for attrs, _ in blocks:
+        for a in attrs:
+            keys.setdefault(a.key, a)
+    out = []
+    for key, first in keys.items():
+        parts: list[Any] = []
+        present = []
+        for attrs, rows in blocks:
+            found = next((x for x in attrs if x.key == key), None)
+            if found is None:
+                v = first.values
+                parts.append(np.zeros(rows, v.dtype) if isinstance(v, np.ndarray) else constant_strings("", rows))
+                present.append(np.zeros(rows, bool))
+            else:
+                parts.append(found.values)
+                present.append(found.mask(rows))
+        values = np.concatenate(parts) if isinstance(first.values, np.ndarray) else concat_strings(parts)
+        mask = np.concatenate(present) if present else np.zeros(0, bool)
+        out.append(Attr(key, values, None if mask.all() else mask))
+    return out
+
+
+def concat_spans(sets: Sequence[SpanSet]) -> SpanSet:
+    """Several SpanSets of one batch as one (one insert, one deduplication token)."""
+    if len(sets) == 1:
+        return sets[0]
+    sizes = [len(x) for x in sets]
+    total = sum(sizes)
+    events = []
+    offset = 0
+    for x, n in zip(sets, sizes, strict=True):
+        for ev in x.events:  # padded: absent outside its own set's rows
+            present = np.zeros(total, bool)
+            present[offset : offset + n] = ev.present
+            when = np.zeros(total, np.int64)
+            when[offset : offset + n] = ev.time_ns
+            blank = [([], offset), (ev.attributes, n), ([], total - offset - n)]
+            name = concat_strings([constant_strings("", offset), ev.name, constant_strings("", total - offset - n)])
+            events.append(EventSet(present, when, name, stack_attrs(blank)))
+        offset += n
+    return SpanSet(
+        sets[0].stream,
+        np.concatenate([x.source_rows for x in sets]),
+        np.concatenate([x.trace_id for x in sets]),
+        np.concatenate([x.span_id for x in sets]),
+        np.concatenate([x.start_ns for x in sets]),
+        np.concatenate([x.end_ns for x in sets]),
+        concat_strings([x.name for x in sets]),
+        np.concatenate([x.kind for x in sets]),
+        np.concatenate([x.status for x in sets]),
+        concat_strings([x.status_message for x in sets]),
+        stack_attrs([(x.resource, n) for x, n in zip(sets, sizes, strict=True)]),
+        stack_attrs([(x.attributes, n) for x, n in zip(sets, sizes, strict=True)]),
+        events,
+    )
 
 
 def attribute_map(attrs: Sequence[Attr], rows: int) -> MapColumn:
@@ -246,15 +332,18 @@ def otel_columns(spans: SpanSet, scope: tuple[str, str]) -> dict[str, Values]:
         "StatusCode": strings_of(STATUS_NAMES, spans.status),
         "StatusMessage": spans.status_message,
     }
-    has = spans.event if spans.event is not None else np.zeros(n, bool)
-    ends = np.cumsum(has, dtype="<u8")
-    rows = np.nonzero(has)[0]
-    name = spans.event_name if spans.event_name is not None else constant_strings("", n)
-    sub = [Attr(a.key, a.values[rows] if isinstance(a.values, np.ndarray) else take(a.values, rows),
-                None if a.present is None else a.present[rows]) for a in spans.event_attributes]  # fmt: skip
-    cols["Events.Timestamp"] = ArrayColumn(ends, spans.end_ns[rows].astype("<i8"))
-    cols["Events.Name"] = ArrayColumn(ends, take(name, rows))
-    cols["Events.Attributes"] = ArrayColumn(ends, attribute_map(sub, len(rows)))
+    # events of every kind, each span's together and in time order
+    rows = [np.nonzero(ev.present)[0] for ev in spans.events]
+    span_of = np.concatenate(rows or [np.zeros(0, np.int64)])
+    when = np.concatenate([ev.time_ns[r] for ev, r in zip(spans.events, rows, strict=True)] or [np.zeros(0, np.int64)])
+    order = np.lexsort((when, span_of))
+    ends = np.cumsum(np.bincount(span_of, minlength=n), dtype="<u8")
+    names = concat_strings([take(ev.name, r) for ev, r in zip(spans.events, rows, strict=True)]) if rows else None
+    blocks = [([reorder(a, r) for a in ev.attributes], len(r)) for ev, r in zip(spans.events, rows, strict=True)]
+    attrs = [reorder(a, order) for a in stack_attrs(blocks)]
+    cols["Events.Timestamp"] = ArrayColumn(ends, when[order].astype("<i8"))
+    cols["Events.Name"] = ArrayColumn(ends, take(names, order) if names is not None else constant_strings("", 0))
+    cols["Events.Attributes"] = ArrayColumn(ends, attribute_map(attrs, len(order)))
     return cols
 
 
@@ -426,13 +515,52 @@ def _signal_text(signal: np.ndarray, template: str) -> StringColumn:
     return strings_of([template.format(SIGNAL_NAMES[s] if s < 65 else f"SIG{s}") for s in uniq], inverse.ravel())
 
 
+def _column(batch: DecodedBatch, name: str, rows: np.ndarray) -> np.ndarray:
+    """A numeric column, or zeros for a batch decoded without it (an older stream schema)."""
+    col = batch.columns.get(name)
+    return col[rows] if isinstance(col, np.ndarray) else np.zeros(len(rows), np.int64)
+
+
+def _oom_attrs(batch: DecodedBatch, rows: np.ndarray, prefix: str = "") -> list[Attr]:
+    """The OOM kill's figures and trigger, from oom_kills columns or process_exit's oom_* ones."""
+    names = ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb", "pgtables_kb", "oom_score_adj")
+    figures = [Attr(f"fleetscope.oom.{n}", _column(batch, prefix + n if n != "oom_score_adj" else n, rows)
+                    .astype(np.int64)) for n in names]  # fmt: skip
+    return [*figures, Attr("fleetscope.oom.trigger.pid", _column(batch, prefix + "trigger_pid", rows).astype(np.int64))]
+
+
+def _sender_attrs(batch: DecodedBatch, rows: np.ndarray, known: np.ndarray, prefix: str = "") -> list[Attr]:
+    """The signal's code and sender, from fatal_signals columns or process_exit's signal_* ones."""
+    comm = _s(batch, f"{prefix}sender_comm", rows)
+    return [
+        Attr("fleetscope.signal.code", _column(batch, "signal_code" if prefix else "code", rows).astype(np.int64),
+             known if prefix else None),
+        Attr("fleetscope.signal.sender.pid", _column(batch, f"{prefix}sender_pid", rows).astype(np.int64), known),
+        Attr("fleetscope.signal.sender.uid", _column(batch, f"{prefix}sender_uid", rows).astype(np.int64), known),
+        Attr("fleetscope.signal.sender.name", comm, known & nonempty(comm)),
+    ]  # fmt: skip
+
+
+# the signals the fatal_signals probe reports (FATAL_SIGNALS_MASK, bpf/fatal_signals.h)
+FATAL_SIGNALS = np.array([6, 7, 9, 11])
+
+
 def process_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
     """An INTERNAL span per process that lived at least the threshold, from its exit row:
     start = exit - lifetime. Killed by a signal: status ERROR and a "process.signal" event
-    at the exit; a non-zero exit code: status ERROR."""
+    (at the signal's generation when its sender was seen, with the sender; else at the
+    exit); OOM-killed: a "process.oom_kill" event at the kill with the memory figures; a
+    non-zero exit code: status ERROR.
+
+    The OOM kill and the sender come from the oom_kills / fatal_signals maps the exit read
+    on the node; those probes' own rows then say in_process_exit and make no span. So a
+    process under the threshold gets the spans they would have made from this row: an "oom
+    kill" span, and a "signal <SIG>" span when fatal_signals shared its map (one span per
+    kill either way, from one row, without state across batches or streams)."""
     duration = batch.columns["duration_ns"]
     assert isinstance(duration, np.ndarray)
-    rows = np.nonzero(duration >= opts.process_min_duration_ns)[0]
+    long = duration >= opts.process_min_duration_ns
+    rows = np.nonzero(long)[0]
     trace, span = _base(batch, rows)
     end = _u(batch, "time", rows).astype(np.int64)
     start = end - _u(batch, "duration_ns", rows).astype(np.int64)
@@ -455,36 +583,103 @@ def process_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
         Attr("fleetscope.process.signal", signal_name, killed),
         Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
     ]
-    return SpanSet(
+    known = killed & (_column(batch, "signal_sender_known", rows) != 0)
+    oom = _column(batch, "oom_killed", rows) != 0
+    n = len(rows)
+    events = [
+        EventSet(killed, end - np.where(known, _column(batch, "signal_delay_ns", rows).astype(np.int64), 0),
+                 constant_strings("process.signal", n),
+                 [Attr("fleetscope.process.signal", signal_name, killed),
+                  *_sender_attrs(batch, rows, known, "signal_")]),
+        EventSet(oom, end - _column(batch, "oom_delay_ns", rows).astype(np.int64),
+                 constant_strings("process.oom_kill", n), _oom_attrs(batch, rows, "oom_")),
+    ]  # fmt: skip
+    lifetimes = SpanSet(
         "process_exit", rows, trace, span, start, end, prefixed("process ", comm),
-        np.full(len(rows), INTERNAL), np.where(killed | (code != 0), ERROR, UNSET), message,
-        resource(batch, rows, comm), attrs, killed, constant_strings("process.signal", len(rows)),
-        [Attr("fleetscope.process.signal", signal_name, killed)],
+        np.full(n, INTERNAL), np.where(killed | (code != 0), ERROR, UNSET), message,
+        resource(batch, rows, comm), attrs, events,
     )  # fmt: skip
+    short = ~long
+    oom_rows = np.nonzero(short & (_column(batch, "oom_killed", np.arange(batch.rows)) != 0))[0]
+    all_sig = _u(batch, "signal", np.arange(batch.rows)).astype(np.int64)
+    joined = _column(batch, "fatal_signals_joined", np.arange(batch.rows)) != 0
+    sig_rows = np.nonzero(short & joined & np.isin(all_sig, FATAL_SIGNALS))[0]
+    parts = [lifetimes, _exit_oom_spans(batch, oom_rows), _exit_signal_spans(batch, sig_rows)]
+    return concat_spans([p for p in parts if len(p)] or [lifetimes])
+
+
+def _exit_oom_spans(batch: DecodedBatch, rows: np.ndarray) -> SpanSet:
+    """The "oom kill" spans of process_exit rows under the threshold (as oom_kill_spans would
+    make them from the oom_kills rows, which left them to these)."""
+    h = batch.header
+    trace, span = span_ids(h.node.host_name, f"{h.stream}.oom_kill", h.batch_id, rows)
+    at = _u(batch, "time", rows).astype(np.int64) - _u(batch, "oom_delay_ns", rows).astype(np.int64)
+    comm = _s(batch, "comm", rows)
+    n = len(rows)
+    attrs = [
+        Attr("process.pid", _u(batch, "pid", rows).astype(np.int64)),
+        Attr("process.parent_pid", _u(batch, "ppid", rows).astype(np.int64)),
+        Attr("process.executable.name", comm, nonempty(comm)),
+        *_oom_attrs(batch, rows, "oom_"),
+        Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
+    ]
+    return SpanSet(
+        "process_exit", rows, trace, span, at, at.copy(), constant_strings("oom kill", n), np.full(n, INTERNAL),
+        np.full(n, ERROR), constant_strings("killed by the OOM killer", n), resource(batch, rows, comm), attrs,
+    )  # fmt: skip
+
+
+def _exit_signal_spans(batch: DecodedBatch, rows: np.ndarray) -> SpanSet:
+    """The "signal <SIG>" spans of process_exit rows under the threshold (as
+    fatal_signal_spans would make them from the fatal_signals rows, which left them to these)."""
+    h = batch.header
+    trace, span = span_ids(h.node.host_name, f"{h.stream}.signal", h.batch_id, rows)
+    end = _u(batch, "time", rows).astype(np.int64)
+    known = _u(batch, "signal_sender_known", rows).astype(bool)
+    start = end - np.where(known, _u(batch, "signal_delay_ns", rows).astype(np.int64), 0)
+    comm = _s(batch, "comm", rows)
+    sig = _u(batch, "signal", rows).astype(np.int64)
+    attrs = [
+        Attr("process.pid", _u(batch, "pid", rows).astype(np.int64)),
+        Attr("process.parent_pid", _u(batch, "ppid", rows).astype(np.int64)),
+        Attr("process.executable.name", comm, nonempty(comm)),
+        Attr("fleetscope.process.signal", _signal_text(sig, "{}")),
+        *_sender_attrs(batch, rows, known, "signal_"),
+        Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
+    ]
+    return SpanSet(
+        "process_exit", rows, trace, span, start, end, _signal_text(sig, "signal {}"),
+        np.full(len(rows), INTERNAL), np.full(len(rows), ERROR), _signal_text(sig, "killed by {}"),
+        resource(batch, rows, comm), attrs,
+    )  # fmt: skip
+
+
+def _standalone(batch: DecodedBatch) -> np.ndarray:
+    """Rows of an oom_kills / fatal_signals batch whose process_exit row does not carry them
+    (in_process_exit 0: the node's process probe does not read that probe's map)."""
+    return np.nonzero(_column(batch, "in_process_exit", np.arange(batch.rows)) == 0)[0]
 
 
 def fatal_signal_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
     """A span per process killed by SIGKILL/SIGSEGV/SIGBUS/SIGABRT, from the signal's
-    generation (when seen) to the process's end, with the sender."""
-    rows = np.arange(batch.rows)
+    generation (when seen) to the process's end, with the sender; none for a row that its
+    process_exit row carries (process_spans makes the event or the span from that)."""
+    rows = _standalone(batch)
     trace, span = _base(batch, rows)
     end = _u(batch, "time", rows).astype(np.int64)
     known = _u(batch, "sender_known", rows).astype(bool)
     start = end - np.where(known, _u(batch, "delay_ns", rows).astype(np.int64), 0)
     comm = _s(batch, "comm", rows)
     sig = _u(batch, "signal", rows).astype(np.int64)
-    sender_comm = _s(batch, "sender_comm", rows)
     attrs = [
         Attr("process.pid", _u(batch, "pid", rows).astype(np.int64)),
         Attr("process.parent_pid", _u(batch, "ppid", rows).astype(np.int64)),
         Attr("process.user.id", _u(batch, "uid", rows).astype(np.int64)),
         Attr("process.executable.name", comm, nonempty(comm)),
         Attr("fleetscope.process.signal", _signal_text(sig, "{}")),
-        Attr("fleetscope.signal.code", _u(batch, "code", rows).astype(np.int64)),
+        *_sender_attrs(batch, rows, known)[:1],
         Attr("fleetscope.signal.core_dumped", _u(batch, "core_dumped", rows).astype(bool)),
-        Attr("fleetscope.signal.sender.pid", _u(batch, "sender_pid", rows).astype(np.int64), known),
-        Attr("fleetscope.signal.sender.uid", _u(batch, "sender_uid", rows).astype(np.int64), known),
-        Attr("fleetscope.signal.sender.name", sender_comm, known & nonempty(sender_comm)),
+        *_sender_attrs(batch, rows, known)[1:],
         Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
     ]
     return SpanSet(
@@ -496,8 +691,9 @@ def fatal_signal_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
 
 def oom_kill_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
     """A zero-length span per OOM kill at the kill, with the victim's memory figures and the
-    task whose allocation ran out."""
-    rows = np.arange(batch.rows)
+    task whose allocation ran out; none for a kill that the victim's process_exit row
+    carries (process_spans makes the event or the span from that)."""
+    rows = _standalone(batch)
     trace, span = _base(batch, rows)
     at = _u(batch, "time", rows).astype(np.int64)
     comm = _s(batch, "comm", rows)
@@ -506,12 +702,10 @@ def oom_kill_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
         Attr("process.pid", _u(batch, "pid", rows).astype(np.int64)),
         Attr("process.user.id", _u(batch, "uid", rows).astype(np.int64)),
         Attr("process.executable.name", comm, nonempty(comm)),
-        *[Attr(f"fleetscope.oom.{name}", _u(batch, name, rows).astype(np.int64))
-          for name in ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb", "pgtables_kb", "oom_score_adj")],
-        Attr("fleetscope.oom.trigger.pid", _u(batch, "trigger_pid", rows).astype(np.int64)),
+        *_oom_attrs(batch, rows),
         Attr("fleetscope.oom.trigger.name", _s(batch, "trigger_comm", rows)),
         Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
-    ]  # fmt: skip
+    ]
     return SpanSet(
         "oom_kills", rows, trace, span, at, at.copy(), constant_strings("oom kill", n), np.full(n, INTERNAL),
         np.full(n, ERROR), constant_strings("killed by the OOM killer", n), resource(batch, rows, comm), attrs,

@@ -27,7 +27,7 @@ from fleetscope.config import Spans, Tracing
 from fleetscope.native import Values
 from fleetscope.otel import SCOPE, span_exporter
 from ingester.load import BatchLoader
-from ingester.spans import BUILDERS, SpanOptions, SpanSet, build, otel_columns
+from ingester.spans import BUILDERS, SpanOptions, SpanSet, build, otel_columns, take
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,14 @@ def readable_spans(spans: SpanSet) -> list[ReadableSpan]:
     resources: dict[tuple[Any, ...], Resource] = {}
     res_cols = _present(spans.resource, None)
     attr_cols = _present(spans.attributes, None)
-    event_rows = np.nonzero(spans.event)[0] if spans.event is not None else np.zeros(0, np.int64)
-    event_cols = _present(spans.event_attributes, None)
-    event_names = spans.event_name.decoded().tolist() if spans.event_name is not None else []
-    has_event = set(event_rows.tolist())
+    # per span, its events of every kind in time order: (time, kind, name, attributes)
+    events_of: dict[int, list[tuple[int, int, str, dict[str, Any]]]] = {}
+    for k, ev in enumerate(spans.events):
+        rows = np.nonzero(ev.present)[0]
+        cols = _present(ev.attributes, rows)
+        ev_names = take(ev.name, rows).decoded().tolist()
+        for j, (i, t) in enumerate(zip(rows.tolist(), ev.time_ns[rows].tolist(), strict=True)):
+            events_of.setdefault(i, []).append((t, k, ev_names[j], {key: v[j] for key, v, m in cols if m[j]}))
     trace_hi = spans.trace_id[:, :8].copy().view(">u8").ravel().tolist()
     trace_lo = spans.trace_id[:, 8:].copy().view(">u8").ravel().tolist()
     span_id = spans.span_id.copy().view(">u8").ravel().tolist()
@@ -71,9 +75,7 @@ def readable_spans(spans: SpanSet) -> list[ReadableSpan]:
         res = resources.get(key)
         if res is None:
             res = resources[key] = Resource({k: v[i] for k, v, m in res_cols if m[i]})
-        events: tuple[Event, ...] = ()
-        if i in has_event:
-            events = (Event(event_names[i], {k: v[i] for k, v, m in event_cols if m[i]}, end[i]),)
+        events = tuple(Event(name, attrs, t) for t, _, name, attrs in sorted(events_of.get(i, ()), key=lambda e: e[:2]))
         code = trace_api.StatusCode(status[i])
         context = trace_api.SpanContext((trace_hi[i] << 64) | trace_lo[i], span_id[i], False, _SAMPLED)
         out.append(ReadableSpan(

@@ -13,9 +13,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from fleetscope.codec import pack_strings, string_dictionary
 from fleetscope.config import AgentOptions
 from node_agent import capabilities
 from node_agent.batcher import Batcher, node_identity
@@ -25,8 +27,8 @@ from node_agent.columns import ColumnBuilder
 from node_agent.errors import ProbeError
 from node_agent.histogram import HistogramReader, collect, take
 from node_agent.http import StatusServer
-from node_agent.loader import LoadedProbe, cgroup2_mount
-from node_agent.probes import Stream
+from node_agent.loader import LoadedProbe, cgroup2_mount, lent_maps, mark_joined
+from node_agent.probes import Stream, all_probes
 from node_agent.redact import Redactor
 from node_agent.shipper import LOSS_REASONS, NODE_LOSS_COUNTERS, BatchSink
 
@@ -122,9 +124,16 @@ class Agent:
         check_host(self.settings.loader)
         self._loop = asyncio.get_running_loop()
         await self.sink.start()
-        for name in self.settings.probes:
+        # a probe that borrows maps (Probe.borrows: the process probe's exit reads oom_kills'
+        # and fatal_signals' maps) loads after the configured probes that lend them
+        known = {n: p for n, p in all_probes().items() if n in self.settings.probes}
+        lent = {m for p in known.values() for m, _ in p.lends}
+        borrowers = {n for n, p in known.items() if any(m in lent for m, _ in p.borrows)}
+        for name in sorted(self.settings.probes, key=lambda n: n in borrowers):
             try:
-                probe = load_selected(name, self.settings)
+                probe = load_selected(name, self.settings, reuse=lent_maps(self._probes))
+                if isinstance(probe, LoadedProbe) and probe.borrowed:
+                    mark_joined(probe, self._probes)
             except ProbeError as e:
                 self.status[name] = ProbeStatus(name, False, str(e).splitlines()[0], log=getattr(e, "log", ""))
                 log.error("probe %s disabled: %s", name, e)
@@ -157,9 +166,13 @@ class Agent:
             return stream.columns
 
         def build(records: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
-            columns = stream.columns(records, offset_ns)
+            columns: dict[str, Any] = stream.columns(records, offset_ns)
             for name in stream.redact:
-                columns[name], redacted = self.redactor.redact(columns[name])
+                # dictionary-encoded first, so redaction runs once per distinct value; the
+                # column goes to encode_batch pre-encoded (data, offsets, index)
+                entries, index = string_dictionary(columns[name])
+                entries, index, redacted = self.redactor.redact_dictionary(entries, index)
+                columns[name] = (*pack_strings(entries), index)
                 self.stats.rows_redacted[stream.name] += redacted
             return columns
 
@@ -242,11 +255,11 @@ class Agent:
         """Move every committed record from the ring buffers into the batcher."""
         for probe in self._probes:
             for stream, ring in probe.rings.items():
-                records = ring.drain()
-                if len(records):
-                    self.stats.records_read[stream] += len(records)
-                    for batch in self.batcher.add(stream, records):
-                        self.sink.submit(batch)
+                # straight from the ring into the batch being filled: one copy per record
+                read, batches = self.batcher.add_from(stream, ring.dtype, ring.drain_into)
+                self.stats.records_read[stream] += read
+                for batch in batches:
+                    self.sink.submit(batch)
 
     def read_kernel_counters(self) -> None:
         for probe in self._probes:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import platform
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +59,25 @@ def node_identity(node_name: str) -> batch_pb2.NodeIdentity:
     )
 
 
-def _concatenate(chunks: list[np.ndarray]) -> np.ndarray:
-    """Records of one dtype, concatenated as whole records: numpy copies a structured dtype
-    field by field, a same-sized void dtype with one memcpy per run (about 2x faster)."""
-    dtype = chunks[0].dtype
-    whole = np.dtype((np.void, dtype.itemsize))
-    return np.concatenate([c.view(whole) for c in chunks]).view(dtype)
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """Records of one dtype copied as whole records: numpy copies a structured dtype field by
+    field, a same-sized void dtype with one memcpy per run (about 2x faster)."""
+    whole = np.dtype((np.void, src.dtype.itemsize))
+    dst.view(whole)[:] = src.view(whole)
 
 
 @dataclass
 class _Pending:
-    chunks: list[np.ndarray] = field(default_factory=list)
+    """A batch being filled: records land in buf, allocated for the batch's row bound when
+    it starts, so they are copied once (from the ring) and never concatenated."""
+
+    buf: np.ndarray
     rows: int = 0
     first_ns: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= len(self.buf)
 
 
 class Batcher:
@@ -110,24 +116,52 @@ class Batcher:
     def add(self, stream: str, records: np.ndarray) -> list[Batch]:
         """Take drained records; returns the batches that are now full."""
         out = []
-        if self.identity is not None and records.dtype.names and "cgroup_id" in records.dtype.names:
-            self.identity.observe(records["cgroup_id"])
-        # before the first batch, assume the worst: every byte of the record is encoded
-        worst = records.dtype.itemsize + 4 * len(records.dtype.names or ())
         pos = 0
         while pos < len(records):
-            row_bytes = self._row_bytes.get(stream, worst)
-            cap_rows = max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
-            p = self._pending.setdefault(stream, _Pending())
-            if not p.rows:
-                p.first_ns = time.monotonic_ns()
-            take = min(max(cap_rows - p.rows, 0), len(records) - pos)
-            p.chunks.append(records[pos : pos + take])
-            p.rows += take
+            p = self._pending_for(stream, records.dtype)
+            take = min(len(p.buf) - p.rows, len(records) - pos)
+            _copy(p.buf[p.rows : p.rows + take], records[pos : pos + take])
+            self._added(stream, p, take)
             pos += take
-            if p.rows >= cap_rows:
+            if p.full:
                 out += self._cut(stream)
         return out
+
+    def add_from(self, stream: str, dtype: np.dtype, read: Callable[[np.ndarray], int]) -> tuple[int, list[Batch]]:
+        """Records that read(out) copies straight into the stream's pending batch (read fills
+        a prefix of out and says how many, e.g. RingBuffer.drain_into), until it has no more:
+        (records taken, batches now full). Full batches are encoded once read() has no more,
+        so a ring is emptied before the encoding work, not held full during it."""
+        total, full = 0, list[_Pending]()
+        while True:
+            p = self._pending_for(stream, dtype)
+            n = read(p.buf[p.rows :])
+            self._added(stream, p, n)
+            total += n
+            if not p.full:
+                return total, [b for f in full for b in self._encode(stream, f.buf[: f.rows])]
+            full.append(self._pending.pop(stream))
+
+    def _pending_for(self, stream: str, dtype: np.dtype) -> _Pending:
+        """The stream's batch being filled, or a new one sized to the rows a batch may hold."""
+        p = self._pending.get(stream)
+        if p is None:
+            # before the first batch, assume the worst: every byte of the record is encoded
+            worst = dtype.itemsize + 4 * len(dtype.names or ())
+            row_bytes = self._row_bytes.get(stream, worst)
+            cap_rows = max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
+            p = self._pending[stream] = _Pending(np.empty(cap_rows, dtype))
+        return p
+
+    def _added(self, stream: str, p: _Pending, n: int) -> None:
+        """n records were written to p.buf after its rows."""
+        if not n:
+            return
+        if self.identity is not None and p.buf.dtype.names and "cgroup_id" in p.buf.dtype.names:
+            self.identity.observe(p.buf["cgroup_id"][p.rows : p.rows + n])
+        if not p.rows:
+            p.first_ns = time.monotonic_ns()
+        p.rows += n
 
     def due(self, now_ns: int | None = None) -> list[Batch]:
         """Batches whose oldest row reached max age."""
@@ -138,7 +172,7 @@ class Batcher:
     def cut_now(self, stream: str, records: np.ndarray) -> list[Batch]:
         """Batches of exactly these records, now (for rows the agent makes itself)."""
         pending = self._pending.pop(stream, None)
-        self._pending[stream] = _Pending([records], len(records), time.monotonic_ns())
+        self._pending[stream] = _Pending(records, len(records), time.monotonic_ns())
         batches = self._cut(stream)
         if pending is not None:
             self._pending[stream] = pending
@@ -153,8 +187,7 @@ class Batcher:
 
     def _cut(self, stream: str) -> list[Batch]:
         p = self._pending.pop(stream)
-        records = p.chunks[0] if len(p.chunks) == 1 else _concatenate(p.chunks)
-        return self._encode(stream, records)
+        return self._encode(stream, p.buf[: p.rows])
 
     def _encode(self, stream: str, records: np.ndarray) -> list[Batch]:
         columns = self.builders[stream](records, boot_to_wall_offset_ns())

@@ -87,11 +87,14 @@ def resolve_loader(loader: str) -> str:
     return loader
 
 
-def load_selected(probe: str | Probe, settings: ProbeSettings) -> LoadedProbe | BccProbe:
-    """Load a probe with the loader settings.loader selects (the agent's entry point)."""
+def load_selected(
+    probe: str | Probe, settings: ProbeSettings, reuse: Mapping[str, int] | None = None
+) -> LoadedProbe | BccProbe:
+    """Load a probe with the loader settings.loader selects (the agent's entry point).
+    reuse: maps earlier probes lend (node_agent.loader.lent_maps); bcc shares none."""
     if resolve_loader(settings.loader) == "bcc":
         return load_probe_bcc(probe, settings)
-    return load_probe_libbpf(probe, settings)
+    return load_probe_libbpf(probe, settings, reuse=reuse)
 
 
 def import_bcc() -> ModuleType:
@@ -168,6 +171,17 @@ class BccProbe:
     def attached(self) -> dict[str, str]:
         """Which program serves each hook (hook name -> program name)."""
         return {hook: a.program for hook, a in self.links.items()}
+
+    @property
+    def retargeted(self) -> dict[str, str]:
+        """Hooks whose program runs on another kind of attach point than its name says
+        (BccVariant.targets, e.g. a tp_btf twin as a raw tracepoint): hook -> how."""
+        names = dict(self.probe.bcc.targets) if self.probe.bcc else {}
+        return {
+            hook: f"as raw tracepoint {a.target}"
+            for hook, a in self.links.items()
+            if a.program in names and not a.program.startswith(_RAW_TP_PREFIX)
+        }
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Kernel counters per stream, summed over CPUs: {stream: {emitted, dropped}}."""
@@ -252,6 +266,7 @@ def load_probe_bcc(
     if unknown:
         raise ProbeConfigError(f"probe {probe.name}: no knob {unknown[0]!r} (knobs: {', '.join(sorted(knobs))})")
     knobs.update(rodata or {})
+    macros = _knob_macros(probe, knobs)
 
     directory = Path(object_dir or settings.bpf_dir)
     source = directory / probe.bcc.source
@@ -270,6 +285,7 @@ def load_probe_bcc(
     tracefs = _tracefs_formats(probe)
     if tracefs:
         cflags.append("-DFS_TRACEPOINTS")
+        cflags += _tracefs_fields(probe, tracefs)
     try:
         bcc = import_bcc()
     except (ImportError, OSError) as e:  # OSError: libbcc.so.0 missing
@@ -288,7 +304,10 @@ def load_probe_bcc(
                 os.close(cgroup_fd)
         cflags += [f"-I{directory}", f"-DFS_LINUX_VERSION_CODE={_kernel_version_code()}"]
         cflags += [f"-DFS_FD_{name}={fd}" for name, fd in map_fds.items()]
-        cflags += [f"-D{name}={int(value)}" for name, value in knobs.items()]
+        cflags += [f"-D{name}={value}" for name, value in macros.items()]
+        # max_entries the libbpf loader sets before load, for the maps the bcc source declares
+        sizes = probe.map_sizes(settings) if probe.map_sizes else {}
+        cflags += [f"-DFS_MAX_{name}={int(n)}" for name, n in sizes.items()]
         text = source.read_text() + _layout_asserts(probe, dtypes, stats_dtype, directory)
         bpf = _compile(bcc, probe, text, cflags, headers)
         loaded = BccProbe(probe, bpf, map_fds, {}, stats_dtype)
@@ -343,25 +362,57 @@ def _btf_offsets(probe: Probe, kernel_btf: Path) -> list[str]:
             if f.optional:
                 continue
             raise BccUnavailable(probe.name, errno.ESRCH, f"kernel btf: {e}") from None
-        if member.size != f.size or member.kind == "bitfield":
+        if (f.size and member.size != f.size) or member.kind == "bitfield":
             raise BccUnavailable(
                 probe.name,
                 errno.ESRCH,
                 f"kernel btf: {f.struct}.{f.field} is {member.size} bytes ({member.kind}), the program reads {f.size}",
             )
         flags.append(f"-DFS_OFF_{f.struct}__{f.field}={member.offset}")
+        flags.append(f"-DFS_SIZE_{f.struct}__{f.field}={member.size}")
     return flags
 
 
-def _tracefs_formats(probe: Probe) -> Path | None:
-    """The tracefs mount, if it has the format file of every classic tracepoint the probe
-    uses: bcc generates their argument structs from these at compile time."""
-    points = [
+def _knob_macros(probe: Probe, knobs: Mapping[str, int | bytes]) -> dict[str, str]:
+    """The knobs as macro definitions: integers as themselves, byte tables (arrays in .rodata
+    with libbpf; bcc has no .rodata) through the probe's BccVariant.macros."""
+    assert probe.bcc is not None
+    out = {name: str(int(value)) for name, value in knobs.items() if not isinstance(value, bytes)}
+    tables = sorted(name for name, value in knobs.items() if isinstance(value, bytes))
+    if tables:
+        if probe.bcc.macros is None:
+            raise ProbeConfigError(f"probe {probe.name}: knob {tables[0]!r} is a table; its bcc variant takes none")
+        out.update(probe.bcc.macros(knobs))
+    return out
+
+
+def _classic_points(probe: Probe) -> list[list[str]]:
+    """[category, event] of every classic tracepoint program of the probe."""
+    return [
         program.removeprefix(_TRACEPOINT_PREFIX).split("__", 1)
         for hook in probe.hooks
         for program in hook.programs
         if program.startswith(_TRACEPOINT_PREFIX)
     ]
+
+
+def _tracefs_fields(probe: Probe, root: Path) -> list[str]:
+    """-DFS_TP_<category>__<event>__<field> for each field of the probe's classic tracepoints:
+    what bpf_core_field_exists() tests on a tracepoint record with libbpf (fields that
+    kernels added later, e.g. sched_process_exit's group_dead in 6.16)."""
+    flags = []
+    for cat, event in _classic_points(probe):
+        text = (root / "events" / cat / event / "format").read_text(errors="replace")
+        for m in re.finditer(r"field:[^;]*?(\w+)(?:\[[^;]*\])?;", text):
+            if not m.group(1).startswith("common_"):
+                flags.append(f"-DFS_TP_{cat}__{event}__{m.group(1)}")
+    return sorted(set(flags))
+
+
+def _tracefs_formats(probe: Probe) -> Path | None:
+    """The tracefs mount, if it has the format file of every classic tracepoint the probe
+    uses: bcc generates their argument structs from these at compile time."""
+    points = _classic_points(probe)
     for root in TRACEFS_DIRS:
         if points and all((root / "events" / cat / event / "format").is_file() for cat, event in points):
             return root
@@ -475,8 +526,11 @@ def _compile(bcc: ModuleType, probe: Probe, text: str, cflags: list[str], header
     raise BccUnavailable(probe.name, errno.EINVAL, f"bcc could not compile the program: {failure}", log)
 
 
-def _hook_target(program: str) -> tuple[str, str, str] | str:
-    """(bcc function, kind, attach target) of a hook program, or why bcc cannot run it."""
+def _hook_target(program: str, targets: Mapping[str, str]) -> tuple[str, str, str] | str:
+    """(bcc function, kind, attach target) of a hook program, or why bcc cannot run it;
+    targets: raw tracepoints of programs whose names do not say them (BccVariant.targets)."""
+    if program in targets:
+        return program, "raw_tracepoint", targets[program]
     if program.startswith(_TRACEPOINT_PREFIX):
         cat, sep, event = program.removeprefix(_TRACEPOINT_PREFIX).partition("__")
         if sep:
@@ -493,11 +547,12 @@ def _attach(bcc: ModuleType, loaded: BccProbe, tracefs: Path | None) -> None:
     lib = bcc.libbcc.lib
     functions = {lib.bpf_function_name(bpf.module, i).decode() for i in range(lib.bpf_num_functions(bpf.module))}
     prog_types = {"tracepoint": bcc.BPF.TRACEPOINT, "raw_tracepoint": bcc.BPF.RAW_TRACEPOINT}
+    targets = dict(probe.bcc.targets) if probe.bcc else {}
     for hook in probe.hooks:
         failures: list[str] = []
         last_err = errno.ENOENT
         for program in hook.programs:
-            target = _hook_target(program)
+            target = _hook_target(program, targets)
             if isinstance(target, str):
                 failures.append(target)
                 continue

@@ -183,6 +183,10 @@ class Btf:
 
     def _struct_id(self, struct_name: str) -> int:
         type_id = self._by_name.get((_STRUCT, struct_name))
+        if type_id is None and (_TYPEDEF, struct_name) in self._by_name:
+            # a typedef of an anonymous struct, e.g. the kernel's socket_lock_t
+            resolved, t = self._resolve(self._by_name[(_TYPEDEF, struct_name)])
+            type_id = resolved if t.kind == _STRUCT else None
         if type_id is None:
             raise BtfError(f"no struct {struct_name!r} in btf")
         return type_id

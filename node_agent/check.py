@@ -62,7 +62,11 @@ def _try(loader: str, name: str, settings: ProbeSettings) -> str:
     load: Callable[[str, ProbeSettings], LoadedProbe | BccProbe] = load_probe if loader == "libbpf" else load_probe_bcc
     try:
         with load(name, settings) as probe:
-            attached = ", ".join(f"{hook} via {program}" for hook, program in sorted(probe.attached.items()))
+            notes = probe.retargeted if isinstance(probe, BccProbe) else {}
+            attached = ", ".join(
+                f"{hook} via {program}" + (f" ({notes[hook]})" if hook in notes else "")
+                for hook, program in sorted(probe.attached.items())
+            )
     except ProbeError as e:
         return f"unavailable: {_one_line(e)}"
     return f"ok: {attached}"

@@ -33,6 +33,37 @@ def c_strings(chars: np.ndarray) -> np.ndarray:
     return raw.view(f"S{used}").ravel()
 
 
+def padded_strings(chars: np.ndarray) -> np.ndarray:
+    """Fixed char[N] fields that their BPF program NUL-pads (memset before
+    bpf_probe_read_*_str, or bpf_get_current_comm) as 'S<M>' (M <= N: the longest string):
+    the same values as c_strings, as a strided view of the records, with no per-row scan.
+
+    With every string NUL-padded, a byte position that is NUL in every row is past the end
+    of every string, so the longest ends at the first such position: an OR over the rows,
+    8 bytes at a time, up to the longest string only.
+    """
+    view = _bytes2d(chars)
+    width = view.shape[1]
+    used = 0
+    for j in range(0, width, 8):
+        word = np.bitwise_or.reduce(_word(view, j), initial=0)
+        if not word:
+            break
+        used = j + (int(word).bit_length() + 7) // 8  # the highest non-NUL byte of the word
+    used = max(used, 1)
+    return view[:, :used].view(f"S{used}")[:, 0]
+
+
+def _word(view: np.ndarray, j: int) -> np.ndarray:
+    """Bytes j..j+7 of every row as little-endian uint64 (a partial last word NUL padded)."""
+    width = view.shape[1]
+    if j + 8 <= width:
+        return view[:, j : j + 8].view("<u8")[:, 0]
+    tail = np.zeros((len(view), 8), np.uint8)
+    tail[:, : width - j] = view[:, j:]
+    return tail.view("<u8")[:, 0]
+
+
 def argv_strings(args: np.ndarray, args_len: np.ndarray) -> np.ndarray:
     """argv copied as NUL-separated bytes -> 'S<M>' joined by spaces, bounded by args_len
     (M <= N: the longest argv)."""

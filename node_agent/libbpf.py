@@ -80,6 +80,7 @@ def _libbpf() -> ctypes.CDLL:
     _fn(lib, "bpf_map__fd", i, vp)
     _fn(lib, "bpf_map__is_internal", b, vp)
     _fn(lib, "bpf_map__set_max_entries", i, vp, u32)
+    _fn(lib, "bpf_map__reuse_fd", i, vp, i)
     _fn(lib, "bpf_map__value_size", u32, vp)
     _fn(lib, "bpf_map__initial_value", vp, vp, ctypes.POINTER(ctypes.c_size_t))
     _fn(lib, "bpf_program__name", cp, vp)
@@ -303,6 +304,14 @@ class BpfObject:
         ret = _libbpf().bpf_map__set_max_entries(self._map(map_name), n)
         if ret:
             raise ValueError(f"set_max_entries({map_name}, {n}): {errno_mod.errorcode[-ret]}")
+
+    def reuse_map(self, map_name: str, fd: int) -> None:
+        """Use another object's map (by fd) instead of creating this one at load, so both
+        objects' programs see the same entries; the map definitions must agree."""
+        self._unloaded("reuse_map")
+        ret = _libbpf().bpf_map__reuse_fd(self._map(map_name), fd)
+        if ret:
+            raise ValueError(f"reuse_map({map_name}): {errno_mod.errorcode.get(-ret, ret)}")
 
     def set_autoload(self, prog_name: str, enabled: bool) -> None:
         """Keep a program out of load() (e.g. its hook is missing on this kernel)."""

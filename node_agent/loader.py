@@ -8,10 +8,11 @@ leaves nothing behind in the kernel; the agent then disables that probe alone.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -25,7 +26,9 @@ from node_agent.libbpf import BpfObject, Link, num_possible_cpus
 from node_agent.probes import Probe, ProbeSettings, get_probe
 from node_agent.ringbuf import RingBuffer
 
-__all__ = ["LoadedProbe", "load_probe"]
+__all__ = ["LoadedProbe", "lent_maps", "load_probe", "mark_joined"]
+
+log = logging.getLogger(__name__)
 
 STATS_STRUCT = "stream_stats"  # value of every probe's per-CPU stats map (common.bpf.h)
 WAKEUP_KNOB = "wakeup_bytes"  # common.bpf.h: force a reader wakeup past this many bytes
@@ -42,9 +45,11 @@ class LoadedProbe:
         links: Mapping[str, Link],
         rings: Mapping[str, RingBuffer],
         histograms: HistogramReader | None = None,
+        borrowed: tuple[str, ...] = (),
     ) -> None:
         """Use load_probe()."""
         self.probe = probe
+        self.borrowed = borrowed  # maps this object reuses from an earlier probe (Probe.borrows)
         self.obj = obj
         self.links = dict(links)  # hook name -> attached link
         self.rings = dict(rings)  # stream name -> ring reader
@@ -111,11 +116,13 @@ def load_probe(
     *,
     object_dir: Path | None = None,
     rodata: Mapping[str, int] | None = None,
+    reuse: Mapping[str, int] | None = None,
 ) -> LoadedProbe:
     """Open, configure (knobs, ring sizes), load and attach a probe; build its readers.
 
     object_dir overrides settings.bpf_dir; rodata overrides or adds const volatile knobs
-    (e.g. targ_tgid, wakeup_bytes, which defaults to a quarter of the ring).
+    (e.g. targ_tgid, wakeup_bytes, which defaults to a quarter of the ring). reuse: map name
+    -> fd of maps earlier probes lend (lent_maps()); those of Probe.borrows are taken.
     """
     if isinstance(probe, str):
         try:
@@ -141,6 +148,7 @@ def load_probe(
         dtypes = _configure(probe, obj, knobs, ring_bytes, rodata or {})
         for map_name, entries in map_sizes.items():
             obj.set_max_entries(map_name, entries)
+        borrowed = _borrow(probe, obj, reuse or {})
         obj.load()
         if cgroup_fd is not None:
             # the kernel takes its own reference to the cgroup; our fd can go
@@ -150,7 +158,7 @@ def load_probe(
             fd = obj.map_fd(stream.ring_map)
             rings[stream.name] = RingBuffer(fd, ring_bytes, dtypes[stream.name])
         histograms = HistogramReader(obj, probe.histograms) if probe.histograms else None
-        return LoadedProbe(probe, obj, links, rings, histograms)
+        return LoadedProbe(probe, obj, links, rings, histograms, borrowed)
     except BaseException:
         for ring in rings.values():
             ring.close()
@@ -159,6 +167,41 @@ def load_probe(
     finally:
         if cgroup_fd is not None:
             os.close(cgroup_fd)
+
+
+def _borrow(probe: Probe, obj: BpfObject, reuse: Mapping[str, int]) -> tuple[str, ...]:
+    """Before load: reuse the lent maps the probe borrows and set their knobs; shrink the
+    others, which nothing fills, to one entry. Returns the maps reused."""
+    taken = []
+    for map_name, knob in probe.borrows:
+        try:
+            if map_name in reuse:
+                obj.reuse_map(map_name, reuse[map_name])
+                obj.set_rodata(**{knob: 1})
+                taken.append(map_name)
+            else:
+                obj.set_max_entries(map_name, 1)
+        except (KeyError, ValueError) as e:
+            raise ProbeConfigError(f"probe {probe.name}: {e.args[0]}") from None
+    return tuple(taken)
+
+
+def lent_maps(loaded: Iterable[object]) -> dict[str, int]:
+    """Map name -> fd of every map the loaded (libbpf) probes lend (Probe.lends)."""
+    return {name: p.obj.map_fd(name) for p in loaded if isinstance(p, LoadedProbe) for name, _ in p.probe.lends}
+
+
+def mark_joined(borrower: LoadedProbe, loaded: Iterable[object]) -> None:
+    """Once the borrower is attached: set the flag of each lender whose map it reused, so the
+    lender's records say that the borrower's records carry them from now on."""
+    for p in loaded:
+        if isinstance(p, LoadedProbe) and p is not borrower:
+            for name, flag in p.probe.lends:
+                if name in borrower.borrowed:
+                    try:
+                        p.obj.update(flag, struct.pack("<I", 0), struct.pack("<I", 1))
+                    except OSError as e:  # its rows then stay spans of their own (ingester/spans.py)
+                        log.warning("probe %s: cannot mark %s shared with %s: %s", p.name, name, borrower.name, e)
 
 
 def _open_cgroup(path: str) -> int:

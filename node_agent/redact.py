@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fleetscope.codec import string_dictionary
 from fleetscope.config import DEFAULT_REDACT_PATTERNS
 
 __all__ = ["DEFAULT_PATTERNS", "MASK", "Redactor", "required_literals"]
@@ -121,12 +122,24 @@ class Redactor:
     def redact(self, col: np.ndarray) -> tuple[np.ndarray, int]:
         """col with secrets masked, and how many rows changed. The input is not modified; a
         column with nothing to mask comes back as it is."""
-        rows = np.flatnonzero(self.candidates(col))
-        if len(rows) == 0:
+        if not self.patterns or len(col) == 0:
             return col, 0
-        distinct, inverse = np.unique(col[rows], return_inverse=True)
+        entries, index = string_dictionary(col)
+        masked, index, rows = self.redact_dictionary(entries, index)
+        if not rows:
+            return col, 0
+        return masked.astype(f"S{max(col.dtype.itemsize, masked.dtype.itemsize)}")[index], rows
+
+    def redact_dictionary(self, entries: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """A dictionary-encoded column (distinct 'S<n>' entries, each row's entry) with secrets
+        masked: (entries, index, rows changed). The candidate search and the patterns run
+        once per distinct value, however many rows repeat it. Masked values that became equal
+        are merged into one entry (one that equals an unmasked entry, i.e. a command line that
+        already held the mask, stays a second entry of the same text: the rows are the same);
+        nothing to mask returns the inputs as they are."""
         changed, new = [], []
-        for j, raw in enumerate(distinct.tolist()):  # per distinct candidate value, not per row
+        candidates = np.flatnonzero(self.candidates(entries))
+        for j, raw in zip(candidates.tolist(), entries[candidates].tolist(), strict=True):
             text = raw.decode("utf-8", "surrogateescape")
             out = text
             for p in self.patterns:
@@ -135,13 +148,19 @@ class Redactor:
                 changed.append(j)
                 new.append(out.encode("utf-8", "surrogateescape"))
         if not changed:
-            return col, 0
-        width = max(col.dtype.itemsize, max(len(v) for v in new))
-        replacement = np.array(new, dtype=f"S{width}")
-        which = np.full(len(distinct), -1, np.intp)
-        which[changed] = np.arange(len(changed))
-        hit = which[inverse.ravel()]
-        touched = rows[hit >= 0]
-        out_col = col.astype(f"S{width}")
-        out_col[touched] = replacement[hit[hit >= 0]]
-        return out_col, len(touched)
+            return entries, index, 0
+        hit = np.zeros(len(entries), bool)
+        hit[changed] = True
+        rows = int(np.count_nonzero(hit[index]))
+        # two secrets masked alike ("password=a", "password=b") are one value now: later
+        # entries of a masked value point at its first and are dropped
+        first: dict[bytes, int] = {}
+        target = np.arange(len(entries))
+        for j, v in zip(changed, new, strict=True):
+            target[j] = first.setdefault(v, j)
+        width = max(entries.dtype.itemsize, max(len(v) for v in first))
+        masked = entries.astype(f"S{width}")
+        masked[list(first.values())] = list(first)
+        keep = target == np.arange(len(entries))
+        renumber = (np.cumsum(keep) - 1).astype("<u4")
+        return masked[keep], renumber[target][index], rows

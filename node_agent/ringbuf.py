@@ -73,6 +73,27 @@ class RingBuffer:
 
     def drain(self, max_records: int | None = None) -> np.ndarray:
         """Consume committed records (at most max_records) and return their payloads."""
+        payload, end = self._committed(max_records)
+        out = np.empty(len(payload), self.dtype)  # owns its memory: nothing refers to the ring
+        out.view(payload.dtype)[:] = payload
+        del payload
+        self._cons_pos[0] = end
+        return out
+
+    def drain_into(self, out: np.ndarray) -> int:
+        """Consume committed records straight into out (1-D, of the record dtype; at most
+        len(out) records) and return how many: one copy from the ring to where they are
+        batched, no array in between."""
+        payload, end = self._committed(len(out))
+        n = len(payload)
+        out[:n].view(payload.dtype)[:] = payload
+        del payload
+        self._cons_pos[0] = end
+        return n
+
+    def _committed(self, max_records: int | None) -> tuple[np.ndarray, int]:
+        """The committed records' payloads (a view of the ring, discarded ones left out) and
+        the consumer position after them; the caller copies them, then stores it."""
         if self._closed:
             raise ValueError("ring buffer is closed")
         # x86-64 is TSO: loads are not reordered with older loads and stores not with older
@@ -83,7 +104,7 @@ class RingBuffer:
         cons = int(self._cons_pos[0])
         avail = int(self._prod_pos[0]) - cons
         if avail <= 0:
-            return np.empty(0, self.dtype)
+            return np.empty(0, self._record)["payload"], cons
         if avail % self.stride:
             raise RingBufferError(
                 f"ring fd {self.map_fd}: {avail} pending bytes are not whole "
@@ -106,11 +127,7 @@ class RingBuffer:
                 "the dtype does not match the probe object (rebuild with `make -C bpf`)"
             )
         payload = records["payload"] if keep.all() else records["payload"][keep]
-        out = np.empty(len(payload), self.dtype)  # owns its memory: nothing refers to the ring
-        out.view(payload.dtype)[:] = payload
-        del records
-        self._cons_pos[0] = cons + n * self.stride
-        return out
+        return payload, cons + n * self.stride
 
     def close(self) -> None:
         """Unmap the ring; the map fd stays open (its BpfObject owns it)."""

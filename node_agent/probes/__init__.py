@@ -133,7 +133,7 @@ class KernelField:
 
     struct: str  # "task_struct"
     field: str  # "real_parent"; found inside anonymous struct/union members too
-    size: int  # bytes the program reads; a kernel whose field differs is refused
+    size: int  # bytes the program reads; a kernel whose field differs is refused; 0: any (FS_SIZE_...)
     optional: bool = False  # absent on some kernels: the program tests #ifdef FS_OFF_...
 
 
@@ -147,6 +147,12 @@ class BccVariant:
 
     source: str  # file in the object directory, e.g. "process.bcc.c"
     kernel_fields: tuple[KernelField, ...] = ()
+    # knobs that are byte tables (bcc has no .rodata) -> macro definitions, e.g. a prefix test
+    # unrolled into comparisons: {"FS_UNDER_PREFIX(h)": "(...)"}; int knobs are -D<name>=<value>
+    macros: Callable[[Mapping[str, int | bytes]], Mapping[str, str]] | None = None
+    # (program, raw tracepoint) where the program's name does not say it (raw_tp__<event>):
+    # twins of one hook for different kernels, e.g. ("raw_tp__sched_process_exit_old", "sched_process_exit")
+    targets: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +172,12 @@ class Probe:
     histograms: tuple[Histogram, ...] = ()  # streams read from in-kernel histogram maps
     # max_entries of other maps, set from the settings before load (e.g. a per-socket table)
     map_sizes: Callable[[ProbeSettings], Mapping[str, int]] | None = None
+    # maps this probe's object lends to a later probe's (bpf_map__reuse_fd): (map, flag), the
+    # flag a 1-entry u32 array of this object the loader sets to 1 once a borrower is attached
+    lends: tuple[tuple[str, str], ...] = ()
+    # maps this probe's object takes from an earlier probe when it runs: (map, knob), the knob
+    # a const volatile set to 1 when it did (bpf/exit_join.bpf.h); loaded after the lenders
+    borrows: tuple[tuple[str, str], ...] = ()
 
 
 def all_probes() -> dict[str, Probe]:

@@ -8,12 +8,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from node_agent.columns import c_strings
-from node_agent.probes import Hook, Probe, ProbeSettings, Stream
+from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["PROBE"]
 
 CORE_DUMPED = 1  # FATAL_SIGNALS_CORE_DUMPED in bpf/fatal_signals.h
 SENDER_KNOWN = 2  # FATAL_SIGNALS_SENDER_KNOWN
+IN_PROCESS_EXIT = 4  # FATAL_SIGNALS_IN_PROCESS_EXIT
 
 
 def rodata(settings: ProbeSettings) -> Mapping[str, int | bytes]:
@@ -40,6 +41,7 @@ def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
         "sender_comm": c_strings(rec["sender_comm"]),
         "sender_cgroup_id": rec["sender_cgroup_id"],
         "delay_ns": rec["delay_ns"],
+        "in_process_exit": ((flags & IN_PROCESS_EXIT) >> 2).astype("<u4"),
     }
 
 
@@ -63,4 +65,20 @@ PROBE = Probe(
     ),
     stats_map="fatal_signals_stats",
     rodata=rodata,
+    lends=(("fatal_signals_senders", "fatal_signals_joined"),),  # to the process probe's exit
+    bcc=BccVariant(
+        "fatal_signals.bcc.c",
+        (
+            KernelField("task_struct", "tgid", 4),
+            KernelField("task_struct", "real_parent", 8),
+            KernelField("task_struct", "group_leader", 8),
+            KernelField("task_struct", "comm", 16),
+            KernelField("task_struct", "start_boottime", 8),
+            KernelField("task_struct", "exit_code", 4),
+            KernelField("task_struct", "signal", 8),
+            KernelField("signal_struct", "live", 4),
+            KernelField("kernel_siginfo", "si_code", 4),
+        ),
+        targets=(("raw_tp__sched_process_exit_old", "sched_process_exit"),),
+    ),
 )

@@ -4,14 +4,15 @@ prefixes, or all of them with file_open_all."""
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Mapping
 
 import numpy as np
 
-from node_agent.columns import c_strings
+from node_agent.columns import padded_strings
 from node_agent.errors import ProbeConfigError
 from node_agent.libbpf import BpfObject, num_possible_cpus
-from node_agent.probes import Hook, Probe, ProbeSettings, Stream
+from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["PREFIXES_MAX", "PREFIX_BYTES", "PROBE", "SYSCALLS", "inflight_full"]
 
@@ -41,6 +42,43 @@ def rodata(settings: ProbeSettings) -> Mapping[str, int | bytes]:
     }
 
 
+def bcc_macros(knobs: Mapping[str, int | bytes]) -> dict[str, str]:
+    """The prefix table as FS_UNDER_PREFIX(h) for bpf/file_open.bcc.c (bcc has no .rodata):
+    under_prefix()'s byte comparisons of file_open.bpf.c, unrolled for the configured prefixes."""
+    count = int(knobs["prefix_count"])
+    lens = np.frombuffer(bytes(knobs["prefix_lens"]), "<u4")
+    table = bytes(knobs["prefixes"])
+    tests = []
+    for i in range(count):
+        prefix = table[i * PREFIX_BYTES : i * PREFIX_BYTES + int(lens[i])]
+        # volatile loads: clang may not evaluate the comparisons ahead of the && branches,
+        # which turns them into 0/1 values the verifier forks on, 2^n paths
+        tests.append("(" + " && ".join(f"((volatile __u8 *)(h))[{j}] == {b}" for j, b in enumerate(prefix)) + ")")
+    return {"FS_UNDER_PREFIX(h)": "(" + (" || ".join(tests) or "0") + ")"}
+
+
+def _bcc_fields() -> tuple[KernelField, ...]:
+    """The kernel fields raw_tp__sys_exit reads in bpf/file_open.bcc.c on this architecture:
+    the syscall number and argument registers in struct pt_regs, the compat flag on x86."""
+    if platform.machine() == "aarch64":
+        return (
+            KernelField("pt_regs", "syscallno", 4),
+            KernelField("pt_regs", "orig_x0", 8),
+            KernelField("pt_regs", "regs", 0),
+            KernelField("task_struct", "thread_info", 0),
+            KernelField("thread_info", "status", 0, optional=True),
+        )
+    return (
+        KernelField("pt_regs", "orig_ax", 8),
+        KernelField("pt_regs", "di", 8),
+        KernelField("pt_regs", "si", 8),
+        KernelField("pt_regs", "dx", 8),
+        KernelField("pt_regs", "r10", 8),
+        KernelField("task_struct", "thread_info", 0),  # embedded struct (CONFIG_THREAD_INFO_IN_TASK)
+        KernelField("thread_info", "status", 4),
+    )
+
+
 def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
     """file_open_event records -> FileOpenBatch columns."""
     ret = rec["ret"].astype("<i4", copy=False)
@@ -51,9 +89,9 @@ def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
         "tid": rec["tid"],
         "uid": rec["uid"],
         "cgroup_id": rec["cgroup_id"],
-        "comm": c_strings(rec["comm"]),
+        "comm": padded_strings(rec["comm"]),  # both NUL-padded by the BPF program
         "syscall": SYSCALLS[np.minimum(rec["syscall"], len(SYSCALLS) - 1)],
-        "path": c_strings(rec["path"]),
+        "path": padded_strings(rec["path"]),
         "flags": rec["flags"],
         "mode": rec["mode"],
         "fd": np.where(failed, np.int32(-1), ret).astype("<i4"),
@@ -96,4 +134,5 @@ PROBE = Probe(
     ),
     stats_map="file_open_stats",
     rodata=rodata,
+    bcc=BccVariant("file_open.bcc.c", _bcc_fields(), macros=bcc_macros),
 )

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from node_agent.columns import c_strings
-from node_agent.probes import Hook, Probe, ProbeSettings, Stream
+from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["PROBE"]
 
@@ -16,6 +16,9 @@ __all__ = ["PROBE"]
 def rodata(settings: ProbeSettings) -> Mapping[str, int | bytes]:
     """The probe's const volatile knobs: the page size, to turn mm counters into KiB."""
     return {"page_shift": mmap.PAGESIZE.bit_length() - 1}
+
+
+IN_PROCESS_EXIT = 2  # OOM_KILLS_IN_PROCESS_EXIT in bpf/oom_kills.h
 
 
 def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
@@ -35,6 +38,7 @@ def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
         "trigger_pid": rec["trigger_pid"],
         "trigger_comm": c_strings(rec["trigger_comm"]),
         "trigger_cgroup_id": rec["trigger_cgroup_id"],
+        "in_process_exit": ((rec["flags"] & IN_PROCESS_EXIT) >> 1).astype("<u4"),
     }
 
 
@@ -49,4 +53,24 @@ PROBE = Probe(
     ),
     stats_map="oom_kills_stats",
     rodata=rodata,
+    lends=(("oom_victims", "oom_kills_joined"),),  # to the process probe's exit (bpf/exit_join.bpf.h)
+    bcc=BccVariant(
+        "oom_kills.bcc.c",
+        (
+            KernelField("task_struct", "tgid", 4),
+            KernelField("task_struct", "comm", 16),
+            KernelField("task_struct", "mm", 8),
+            KernelField("task_struct", "signal", 8),
+            KernelField("task_struct", "cgroups", 8),
+            KernelField("css_set", "dfl_cgrp", 8),
+            KernelField("cgroup", "kn", 8),
+            KernelField("kernfs_node", "id", 8),
+            KernelField("signal_struct", "oom_score_adj", 2),
+            KernelField("mm_struct", "total_vm", 8),
+            KernelField("mm_struct", "pgtables_bytes", 8),
+            KernelField("mm_struct", "rss_stat", 0),  # an array of 4 counters, their type by kernel:
+            KernelField("mm_rss_stat", "count", 32, optional=True),  # before 6.2: atomic_long_t count[4]
+            KernelField("percpu_counter", "count", 8),  # 6.2+: struct percpu_counter rss_stat[4]
+        ),
+    ),
 )

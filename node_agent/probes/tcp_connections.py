@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from node_agent.columns import c_strings, coded_strings
-from node_agent.probes import Hook, Probe, ProbeSettings, Stream
+from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["ERRNO_NAMES", "PROBE", "SOCKS_MAP"]
 
@@ -84,10 +84,42 @@ PROBE = Probe(
     ),
     stats_map="tcp_connections_stats",
     rodata=rodata,
-    bcc_unavailable=(
-        "reads some twenty struct sock/tcp_sock fields (addresses, byte counters, RTT, socket "
-        "error and lock, cgroup) through CO-RE relocations and tp_btf arguments; no bcc variant "
-        "is written"
+    # bcc: the socket fields at offsets from the kernel's BTF; the tp_btf twins run as raw
+    # tracepoints of the same events (bcc cannot attach tp_btf)
+    bcc=BccVariant(
+        "tcp_connections.bcc.c",
+        (
+            KernelField("sock", "sk_protocol", 2),  # a bitfield before 5.6: refused there
+            KernelField("sock", "sk_err", 4),
+            KernelField("sock", "sk_lock", 0),
+            KernelField("socket_lock_t", "owned", 4),
+            KernelField("sock_common", "skc_family", 2),
+            KernelField("sock_common", "skc_dport", 2),
+            KernelField("sock_common", "skc_daddr", 4),
+            KernelField("sock_common", "skc_rcv_saddr", 4),
+            KernelField("sock_common", "skc_v6_daddr", 16),
+            KernelField("sock_common", "skc_v6_rcv_saddr", 16),
+            KernelField("sock_common", "skc_net", 8),
+            KernelField("sock_common", "skc_state", 1),
+            KernelField("sock_common", "skc_flags", 8),
+            KernelField("inet_sock", "inet_sport", 2),
+            KernelField("tcp_sock", "bytes_acked", 8),
+            KernelField("tcp_sock", "bytes_received", 8),
+            KernelField("tcp_sock", "total_retrans", 4),
+            KernelField("tcp_sock", "srtt_us", 4),
+            KernelField("tcp_sock", "snd_una", 4),
+            KernelField("tcp_sock", "write_seq", 4),
+            KernelField("net", "ns", 0),
+            KernelField("ns_common", "inum", 4),
+            KernelField("sock", "sk_cgrp_data", 0, optional=True),  # CONFIG_SOCK_CGROUP_DATA
+            KernelField("sock_cgroup_data", "cgroup", 8, optional=True),  # 5.15+
+            KernelField("cgroup", "kn", 8),
+            KernelField("kernfs_node", "id", 8),
+        ),
+        targets=tuple(
+            (f"tp_btf__{event}", event)
+            for event in ("inet_sock_set_state", "tcp_receive_reset", "tcp_send_reset", "tcp_destroy_sock")
+        ),
     ),
     map_sizes=map_sizes,
 )

@@ -49,7 +49,8 @@ def test_agent_runs_every_probe_with_only_bpf_and_perfmon(bpf_objects: Path, tmp
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
-            while "probe runqueue_latency running" not in log.read_text() and proc.poll() is None:
+            # every probe attached (the process probe loads last: it borrows maps of others)
+            while not all(f"probe {n} running" in log.read_text() for n in probes) and proc.poll() is None:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
             cap_eff = next(

@@ -1,6 +1,7 @@
-"""The bcc fallback loader in the running kernel: the process probe loaded through bcc and
-through libbpf at the same time sees the same processes as identical rows; record layouts
-match; probes it cannot run and kernels it cannot serve are reported with the reason;
+"""The bcc fallback loader in the running kernel: the process, file_open, fatal_signals and
+oom_kills probes loaded through bcc and through libbpf at the same time see the same
+activity as identical rows (raw tracepoints here, classic ones in a private tracefs); record
+layouts match; probes it cannot run and kernels it cannot serve are reported with the reason;
 `fleetscope run --loader bcc` stores the rows; `--check` reports every probe and loader.
 """
 
@@ -9,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,7 +34,11 @@ from node_agent.errors import ProbeConfigError
 from node_agent.loader import LoadedProbe, load_probe
 from node_agent.probes import Hook, KernelField, get_probe
 from node_agent.probes.process import PROBE, exec_columns, exit_columns
+from tests.integration.test_fatal_signals_probe import PYTHON_COMM, SEGFAULT, py, started
 from tests.integration.test_pipeline import assert_marker_rows
+from tests.integration.test_tcp_connections import run_exchanges, running_server
+from tests.support.memcg import memory_cgroup
+from tests.support.opens import captured, open_everything, rows_as_opened
 from tests.support.procs import FleetscopeProcess, spawn_markers
 from tests.support.real import require_real
 from tests.support.tracefs import run_in_private_tracefs
@@ -53,6 +61,10 @@ class Settings:
     args_max: int = 1024
     filter_pid: int = 0
     filter_cgroup: str = ""
+    file_open_prefixes: tuple[str, ...] = ()
+    file_open_all: bool = False
+    histogram_max_keys: int = 4096
+    tcp_max_connections: int = 65536
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +272,8 @@ def test_layout_mismatch_and_missing_pieces_are_reported(bcc_ready: Path, tmp_pa
 
     # a kernel field that does not exist: refused before compiling, with the field
     broken = get_probe("process")
-    fields = (*(broken.bcc.kernel_fields if broken.bcc else ()), KernelField("task_struct", "no_such_field", 8))
+    assert broken.bcc is not None
+    fields = (*broken.bcc.kernel_fields, KernelField("task_struct", "no_such_field", 8))
     bad = dataclasses.replace(broken, bcc=dataclasses.replace(broken.bcc, kernel_fields=fields))
     with pytest.raises(BccUnavailable, match="task_struct has no member 'no_such_field'"):
         load_probe_bcc(bad, settings)
@@ -280,6 +293,9 @@ def test_layout_mismatch_and_missing_pieces_are_reported(bcc_ready: Path, tmp_pa
         load_probe_bcc(nobcc, settings)
     with pytest.raises(ProbeConfigError, match="no knob 'nope'"):
         load_probe_bcc("process", settings, rodata={"nope": 1})
+    # a table knob (an array in .rodata with libbpf) needs the probe's BccVariant.macros
+    with pytest.raises(ProbeConfigError, match="knob 'args_max' is a table; its bcc variant takes none"):
+        load_probe_bcc("process", settings, rodata={"args_max": b"\0" * 4})  # type: ignore[dict-item]
 
 
 def test_without_kernel_btf_the_kernels_own_headers_are_required(bcc_ready: Path) -> None:
@@ -315,6 +331,11 @@ def test_check_reports_every_probe_and_loader(bcc_ready: Path) -> None:
         probe = get_probe(name)
         if loader == "bcc" and probe.bcc is None:
             assert verdict.startswith("unavailable: ") and len(verdict) > len("unavailable: ")
+    verdicts = {(line.split()[0], line.split()[1]): line.split(maxsplit=2)[2] for line in lines[2:]}
+    for name in ("process", "file_open", "fatal_signals", "oom_kills", "tcp_connections"):  # with a bcc variant
+        assert verdicts[name, "bcc"].startswith("ok: "), verdicts
+    # under bcc, tcp's tp_btf programs run as the raw tracepoints of the same events, and say so
+    assert "via tp_btf__tcp_destroy_sock (as raw tracepoint tcp_destroy_sock)" in verdicts["tcp_connections", "bcc"]
 
 
 def test_run_stores_rows_through_bcc(bcc_ready: Path, tmp_path: Path) -> None:
@@ -343,3 +364,294 @@ def test_nested_member_offsets_from_kernel_btf() -> None:
     assert (start.size, end.size, end.offset - start.offset) == (8, 8, 8)
     assert btf.member("task_struct", "tgid").size == 4
     assert PROBE.bcc is not None and all(f.struct and f.field for f in PROBE.bcc.kernel_fields)
+
+
+def as_rows(records: np.ndarray, skip: tuple[str, ...] = ("time_ns",)) -> list[tuple[object, ...]]:
+    """Every field of the records but skip (times differ by the programs' run order), as
+    sorted plain tuples."""
+    fields = [f for f in records.dtype.names or () if f not in skip]
+    return sorted(tuple(r[f].item() if np.ndim(r[f]) == 0 else r[f].tobytes() for f in fields) for r in records)
+
+
+@pytest.fixture
+def open_dirs() -> Iterator[tuple[Path, Path]]:
+    """A watched directory, its name not ASCII (prefix bytes above 0x7f), and an unwatched
+    one; short paths, as a prefix is at most 64 bytes."""
+    top = Path(f"/tmp/fs-bcc-{uuid.uuid4().hex[:12]}")
+    watched, outside = top / "wätched", top / "outside"
+    watched.mkdir(parents=True)
+    outside.mkdir()
+    yield watched, outside
+    shutil.rmtree(top)
+
+
+def test_file_open_rows_are_identical_through_both_loaders(bcc_ready: Path, open_dirs: tuple[Path, Path]) -> None:
+    watched, outside = open_dirs
+    top = watched.parent
+    prefixes = (f"{top}/elsewhere/", f"{watched}/")  # the second one matches
+    settings = Settings(bpf_dir=bcc_ready, ring_bytes=1 << 20, file_open_prefixes=prefixes)
+    with load_probe("file_open", settings) as libbpf, load_probe_bcc("file_open", settings) as bcc:
+        assert bcc.attached == libbpf.attached == {"syscalls/sys_exit_openat": "raw_tp__sys_exit"}
+        for p in (libbpf, bcc):
+            p.rings["file_open"].drain()
+        opens = open_everything(watched, outside, n_missing=20)
+        long = f"{watched}/{'l' * 200}/{'m' * 100}"  # missing, and longer than path[]
+        with pytest.raises(FileNotFoundError):
+            os.open(long, os.O_RDONLY)
+        got = {}
+        for name, p in (("libbpf", libbpf), ("bcc", bcc)):
+            records = p.rings["file_open"].drain()
+            paths = np.char.decode(records["path"].astype("S256"), "utf-8", "replace")
+            got[name] = records[(records["pid"] == os.getpid()) & (np.char.find(paths, top.name) >= 0)]
+            assert p.stats()["file_open"]["dropped"] == 0
+    assert as_rows(got["bcc"]) == as_rows(got["libbpf"])
+
+    # and they are right: failures and the opens under the prefix, each once
+    rows = got["bcc"]
+    cut = rows[(rows["rflags"] & 1) == 1]
+    assert cut["path"].tolist() == [long.encode()[:255]] and cut["ret"].tolist() == [-2]
+    recorded = sorted(rows_as_opened(rows[(rows["rflags"] & 1) == 0]), key=str)
+    assert recorded == sorted(captured(opens, (f"{watched}/",), capture_all=False), key=str)
+    assert {o.syscall for o in recorded} >= {"openat"}
+
+    # every open, of this process only: the capture_all and pid knobs reach bcc as macros
+    everything = dataclasses.replace(settings, file_open_all=True, filter_pid=os.getpid(), file_open_prefixes=())
+    with load_probe_bcc("file_open", everything) as probe:
+        probe.rings["file_open"].drain()
+        fd = os.open(outside / "present", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+        assert subprocess.call(["/bin/cat", str(outside / "present")]) == 0  # another process
+        records = probe.rings["file_open"].drain()
+    assert set(records["pid"].tolist()) == {os.getpid()}
+    assert (str(outside / "present").encode(), fd) in set(
+        zip(records["path"].tolist(), records["ret"].tolist(), strict=True)
+    )
+
+
+SI_USER, SI_TKILL, SEGV_MAPERR = 0, -6, 1
+
+
+def test_fatal_signal_rows_are_identical_through_both_loaders(bcc_ready: Path) -> None:
+    settings = Settings(bpf_dir=bcc_ready, ring_bytes=1 << 20)
+    me = os.getpid()
+    old = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, old[1]))  # no core files from the faults
+    try:
+        with load_probe("fatal_signals", settings) as libbpf, load_probe_bcc("fatal_signals", settings) as bcc:
+            assert bcc.attached == libbpf.attached
+            for p in (libbpf, bcc):
+                p.rings["fatal_signals"].drain()
+            # pid -> (signal, si_code, sender pid, comm)
+            expected: dict[int, tuple[int, int, int, bytes]] = {}
+            for sig in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT):
+                child = started(["sleep", "30"], b"sleep")
+                os.kill(child.pid, sig)
+                assert child.wait() == -sig
+                expected[child.pid] = (sig, SI_USER, me, b"sleep")
+            for code, sig, si_code in ((SEGFAULT, signal.SIGSEGV, SEGV_MAPERR), ("import os\nos.abort()\n",
+                                        signal.SIGABRT, SI_TKILL)):  # fmt: skip
+                child = subprocess.Popen(py(code))
+                assert child.wait() == -sig
+                expected[child.pid] = (sig, si_code, child.pid, PYTHON_COMM)  # its own sender
+            # no rows: another signal, a normal exit
+            term = started(["sleep", "30"], b"sleep")
+            term.terminate()
+            assert term.wait() == -signal.SIGTERM
+            assert subprocess.call(["/bin/true"]) == 0
+            got = {name: p.rings["fatal_signals"].drain() for name, p in (("libbpf", libbpf), ("bcc", bcc))}
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, old)
+    skip = ("time_ns", "delay_ns")
+    ours = {name: r[r["ppid"] == me] for name, r in got.items()}
+    assert as_rows(ours["bcc"], skip) == as_rows(ours["libbpf"], skip)
+    by_pid = {int(r["pid"]): r for r in ours["bcc"]}
+    assert sorted(by_pid) == sorted(expected)
+    for pid, want in expected.items():
+        r = by_pid[pid]
+        assert (r["signal"], r["code"], r["sender_pid"], r["comm"], r["flags"]) == (*want, 2)
+
+
+def test_oom_kill_rows_are_identical_through_both_loaders(bcc_ready: Path) -> None:
+    """A process outgrowing a 20 MiB memory cgroup (as in test_oom_kills_probe): one row,
+    the same through both loaders, and its SIGKILL from the kernel too."""
+    settings = Settings(bpf_dir=bcc_ready, ring_bytes=1 << 16)
+    with memory_cgroup(20 << 20) as cg:
+        with (
+            load_probe("oom_kills", settings) as libbpf,
+            load_probe_bcc("oom_kills", settings) as bcc,
+            load_probe_bcc("fatal_signals", settings) as deaths,
+        ):
+            assert bcc.attached == libbpf.attached == {"oom/mark_victim": "raw_tp__mark_victim"}
+            for p in (libbpf, bcc, deaths):
+                for ring in p.rings.values():
+                    ring.drain()
+            victim = cg.spawn_hog(oom_score_adj=500)
+            assert victim.wait(60) == -signal.SIGKILL
+            got = {name: p.rings["oom_kills"].drain() for name, p in (("libbpf", libbpf), ("bcc", bcc))}
+            died = deaths.rings["fatal_signals"].drain()
+        cgroup_id = os.stat(cg.v2_dir).st_ino
+    mine = {name: r[r["pid"] == victim.pid] for name, r in got.items()}
+    assert len(mine["bcc"]) == 1 and as_rows(mine["bcc"]) == as_rows(mine["libbpf"])
+    r = mine["bcc"][0]
+    assert (r["oom_score_adj"], r["cgroup_id"], r["trigger_pid"], r["uid"]) == (500, cgroup_id, victim.pid, 0)
+    assert 8 << 10 <= r["anon_rss_kb"] <= 20 << 10 and r["total_vm_kb"] > r["anon_rss_kb"] and r["pgtables_kb"] > 0
+    d = died[died["pid"] == victim.pid]
+    assert (d["signal"].tolist(), d["code"].tolist(), d["sender_pid"].tolist()) == ([9], [0x80], [victim.pid])
+
+
+def reset_and_refused() -> None:
+    """A connection closed with linger 0 (a reset sent, and received by the other end) and a
+    refused connect, on IPv4 loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        with pytest.raises(ConnectionResetError):
+            accepted.recv(1)
+        accepted.close()
+        port = server.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port))
+
+
+TCP_TIMES = ("time_ns", "duration_ns", "handshake_ns")  # each program reads the clock itself
+
+
+def test_tcp_connection_rows_are_identical_through_both_loaders(bcc_ready: Path) -> None:
+    """tcp_connections through bcc: the tp_btf hooks as raw tracepoints, the socket read at
+    offsets from the kernel's BTF; every field but the times equals libbpf's."""
+    settings = Settings(bpf_dir=bcc_ready, ring_bytes=1 << 20)
+    with load_probe("tcp_connections", settings) as libbpf, load_probe_bcc("tcp_connections", settings) as bcc:
+        assert bcc.attached == libbpf.attached
+        assert set(bcc.attached.values()) == {
+            "tp_btf__inet_sock_set_state", "tp_btf__tcp_receive_reset", "tp_btf__tcp_send_reset",
+            "tp_btf__tcp_destroy_sock",
+        }  # fmt: skip
+        for p in (libbpf, bcc):
+            p.rings["tcp_connections"].drain()
+        with running_server(6) as (server, v4, v6):
+            exchanges = run_exchanges(6, v4, v6)
+        reset_and_refused()
+        pids = [os.getpid(), server.pid]
+        want = 2 * len(exchanges) + 2 + 1
+        got: dict[str, list[np.ndarray]] = {"libbpf": [], "bcc": []}
+        deadline = time.monotonic() + 5  # a record is written when the kernel destroys the socket
+        while min(sum(np.isin(r["pid"], pids).sum() for r in got[n]) for n in got) < want:
+            assert time.monotonic() < deadline, "connections missing"
+            time.sleep(0.02)
+            for name, p in (("libbpf", libbpf), ("bcc", bcc)):
+                got[name].append(p.rings["tcp_connections"].drain())
+        stats = {name: p.stats()["tcp_connections"] for name, p in (("libbpf", libbpf), ("bcc", bcc))}
+    mine = {name: np.concatenate(parts) for name, parts in got.items()}
+    mine = {name: r[np.isin(r["pid"], pids)] for name, r in mine.items()}
+    assert len(mine["bcc"]) == want and as_rows(mine["bcc"], TCP_TIMES) == as_rows(mine["libbpf"], TCP_TIMES)
+    assert stats["bcc"]["dropped"] == stats["libbpf"]["dropped"] == 0
+
+    # and they are right: ports, byte counts, roles, resets, the refused connect
+    r = mine["bcc"]
+    clients = {int(x["local_port"]): x for x in r[r["role"] == 1]}
+    for e in exchanges:
+        client = clients[e.client_port]
+        assert (client["bytes_sent"], client["bytes_received"], client["family"]) == (e.sent, e.received, e.family)
+        assert client["remote_port"] == e.server_port and client["pid"] == os.getpid()
+    accepts = r[r["role"] == 2]
+    assert sorted(accepts["bytes_received"].tolist()) == sorted([e.sent for e in exchanges] + [0])
+    flags = sorted(int(f) for f in r["flags"] if f)
+    assert flags == [2, 3, 4]  # reset received, refused (failed, by a reset), reset sent
+    assert r[r["flags"] == 3]["error"].tolist() == [111]  # ECONNREFUSED
+
+
+CLASSIC_PROBES = r"""
+import dataclasses, json, os, signal, socket, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+from node_agent.bcc_loader import load_probe_bcc
+from node_agent.loader import load_probe
+from node_agent.probes import Hook, get_probe
+from tests.integration.test_bcc_fallback import Settings, as_rows
+from tests.integration.test_fatal_signals_probe import SEGFAULT, py
+from tests.support.memcg import MemoryCgroup
+from tests.support.opens import captured, open_everything
+
+bpf_dir, watched, outside, v2_dir, *procs = sys.argv[1:]
+watched, outside = Path(watched), Path(outside)
+s = Settings(bpf_dir=Path(bpf_dir), ring_bytes=1 << 20, file_open_prefixes=(f"{watched}/",))
+# oom_kills prefers raw_tp: its classic tracepoint alone
+oom = get_probe("oom_kills")
+oom = dataclasses.replace(oom, hooks=(Hook("oom/mark_victim", ("tracepoint__oom__mark_victim",)),))
+
+def opens():
+    done = open_everything(watched, outside, n_missing=10)
+    return len(captured(done, (f"{watched}/",), capture_all=False)), lambda r: np.char.find(
+        np.char.decode(r["path"].astype("S256"), "utf-8", "replace"), watched.parent.name) >= 0
+
+def kills():
+    pids = []
+    for sig in (signal.SIGKILL, signal.SIGABRT):
+        child = subprocess.Popen(["sleep", "30"])
+        os.kill(child.pid, sig)
+        child.wait()
+        pids.append(child.pid)
+    child = subprocess.Popen(py(SEGFAULT))
+    child.wait()
+    return 3, lambda r: np.isin(r["pid"], pids + [child.pid])
+
+def oom_kill():
+    hog = MemoryCgroup(tuple(map(Path, procs)), Path(v2_dir)).spawn_hog(oom_score_adj=300)
+    assert hog.wait(60) == -9
+    return 1, lambda r: r["pid"] == hog.pid
+
+def connections():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        client.sendall(b"x" * 100)
+        accepted.recv(100)
+        client.close()
+        accepted.close()
+        port = server.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port))
+    except ConnectionRefusedError:
+        pass
+    time.sleep(0.3)  # a record is written when the kernel destroys the socket
+    return 3, lambda r: r["pid"] == os.getpid()
+
+out = {}
+for probe, act, skip in (("file_open", opens, ("time_ns",)), ("fatal_signals", kills, ("time_ns", "delay_ns")),
+                         (oom, oom_kill, ("time_ns",)),
+                         ("tcp_connections", connections, ("time_ns", "duration_ns", "handshake_ns"))):
+    name = probe if isinstance(probe, str) else probe.name
+    with load_probe(probe, s) as a, load_probe_bcc(probe, s) as b:
+        for p in (a, b):
+            next(iter(p.rings.values())).drain()
+        expected, ours = act()
+        out[name] = {"expected": expected}
+        for loader, p in (("libbpf", a), ("bcc", b)):
+            rec = next(iter(p.rings.values())).drain()
+            rows = as_rows(rec[ours(rec)], skip)
+            out[name][loader] = {"attached": p.attached, "rows": [repr(r) for r in rows]}
+print(json.dumps(out))
+"""
+
+
+def test_classic_tracepoints_of_every_bcc_probe_in_a_private_tracefs(
+    bcc_ready: Path, open_dirs: tuple[Path, Path]
+) -> None:
+    """With tracefs (private mount namespace), bcc compiles the classic tracepoint programs of
+    file_open, fatal_signals, oom_kills and tcp_connections from the format files; their rows
+    equal libbpf's."""
+    watched, outside = open_dirs
+    with memory_cgroup(20 << 20) as cg:
+        result = run_in_private_tracefs(
+            [sys.executable, "-c", CLASSIC_PROBES, str(bcc_ready), str(watched), str(outside), str(cg.v2_dir),
+             *map(str, cg.procs)],
+            "bcc fallback", timeout=120, env={"PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    for name, got in result.items():
+        assert got["bcc"] == got["libbpf"], name
+        assert len(got["bcc"]["rows"]) == got["expected"] > 0, name
+        assert all(prog.startswith("tracepoint__") for prog in got["bcc"]["attached"].values()), got
+    assert len(result["file_open"]["bcc"]["attached"]) == 8  # enter and exit of 4 syscalls
+    assert set(result) == {"file_open", "fatal_signals", "oom_kills", "tcp_connections"}

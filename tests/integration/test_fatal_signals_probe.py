@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node_agent.loader import LoadedProbe, cgroup2_mount, load_probe
+from node_agent.loader import LoadedProbe, cgroup2_mount, lent_maps, load_probe, mark_joined
 from tests.support.tracefs import run_in_private_tracefs
 
 pytestmark = pytest.mark.root
@@ -91,6 +91,11 @@ SLEEP_THREADS = (
 )
 HANDLES_SEGV = "import signal, time\nsignal.signal(signal.SIGSEGV, lambda *a: None)\n" + READY
 SEGFAULT = "import ctypes\nctypes.string_at(0)\n"
+ORPHAN_FAULT = (
+    "import ctypes, threading, time\n"
+    "threading.Thread(target=lambda: (time.sleep(0.3), ctypes.string_at(0))).start()\n"
+    "ctypes.CDLL(None).pthread_exit(None)\n"
+)
 BUS_ERROR = (
     "import mmap, os, tempfile\n"
     "fd, path = tempfile.mkstemp()\nos.unlink(path)\nos.ftruncate(fd, mmap.PAGESIZE)\n"
@@ -173,6 +178,7 @@ def test_each_fatal_signal_is_one_row_with_its_sender(probe: LoadedProbe, no_cor
         sig, sender, si_code, comm = expected[pid]
         assert (r["signal"], r["code"], r["comm"]) == (sig, si_code, comm), pid
         assert r["flags"] & 2  # sender known
+        assert not r["flags"] & 4  # no process probe reads the senders map: the row's own span
         if not PIPED_CORES:  # RLIMIT_CORE 0 does not stop a core_pattern pipe helper
             assert not r["flags"] & 1
         assert r["uid"] == r["sender_uid"] == os.getuid()
@@ -185,6 +191,70 @@ def test_each_fatal_signal_is_one_row_with_its_sender(probe: LoadedProbe, no_cor
         else:
             assert r["sender_comm"] == b"sh" and r["sender_pid"] == r["ppid"] != me
     assert probe.stats()["fatal_signals"]["dropped"] == 0
+
+
+@pytest.mark.parametrize("process_exit_runs", ["last", "first"])
+def test_the_process_exit_row_carries_the_signal_and_its_sender(
+    bpf_objects: Path, no_core_dumps: None, process_exit_runs: str
+) -> None:
+    """With the process probe reading fatal_signals' senders map (as the agent loads them),
+    each killed process's process_exit record has the sender of its fatal_signals row, and
+    the row says so; whichever of the two sched_process_exit programs runs first."""
+    settings = Settings(bpf_objects)
+    with (
+        load_probe("fatal_signals", settings) as fatal,
+        load_probe("process", settings, reuse=lent_maps([fatal])) as proc,
+    ):
+        assert proc.borrowed == ("fatal_signals_senders",)
+        mark_joined(proc, [fatal, proc])
+        if process_exit_runs == "first":  # programs on one raw tracepoint run in attach order
+            fatal.links["sched/sched_process_exit"].destroy()
+            fatal.links["sched/sched_process_exit"] = fatal.obj.attach("raw_tp__sched_process_exit")
+        for ring in (*fatal.rings.values(), *proc.rings.values()):
+            ring.drain()
+        pids = []
+        for sig in (signal.SIGKILL, signal.SIGSEGV):  # kill() from this process
+            child = started(["sleep", "30"], b"sleep")
+            os.kill(child.pid, sig)
+            assert child.wait() == -sig
+            pids.append(child.pid)
+        for code in (SEGFAULT, "import os\nos.abort()\n"):  # the process is its own sender
+            child = subprocess.Popen(py(code))
+            child.wait()
+            pids.append(child.pid)
+        child = started(py(SLEEP_THREADS), PYTHON_COMM)  # threads: the leader may not exit last
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+        pids.append(child.pid)
+        # the leader leaves first (pthread_exit), then a thread faults: the exit record of the
+        # leader says nothing of the SIGSEGV, so the row keeps it (in_process_exit 0)
+        orphaned = subprocess.Popen(py(ORPHAN_FAULT))
+        assert orphaned.wait() == -signal.SIGSEGV
+        term = started(["sleep", "30"], b"sleep")  # SIGTERM: no fatal_signals row, no sender
+        term.terminate()
+        assert term.wait() == -signal.SIGTERM
+        time.sleep(0.05)
+        rows = fatal.rings["fatal_signals"].drain()
+        exits = proc.rings["process_exit"].drain()
+    by_pid = {int(r["pid"]): r for r in rows if int(r["pid"]) in pids}
+    exit_of = {int(x["pid"]): x for x in exits if int(x["pid"]) in (*pids, term.pid)}
+    assert sorted(by_pid) == sorted(pids) and sorted(exit_of) == sorted((*pids, term.pid))
+    for pid, r in by_pid.items():
+        x = exit_of[pid]
+        assert r["flags"] & 6 == 6  # sender known, carried by the process_exit record
+        assert x["flags"] == 2 | 4  # PROCESS_EXIT_SENDER_KNOWN | PROCESS_EXIT_SIGNALS_JOINED
+        assert (x["signal"], x["signal_code"], x["signal_sender_pid"], x["signal_sender_uid"]) == (
+            r["signal"], r["code"], r["sender_pid"], r["sender_uid"],
+        )  # fmt: skip
+        assert x["signal_sender_comm"] == r["sender_comm"] and x["oom_delay_ns"] == 0
+        # both measure from the same generation, each to its own exit (the leader's, the last thread's)
+        generated = r["time_ns"] - r["delay_ns"]
+        assert x["time_ns"] - x["signal_delay_ns"] == generated
+    t = exit_of[term.pid]
+    assert (t["signal"], t["flags"], t["signal_sender_pid"]) == (signal.SIGTERM, 4, 0)
+    (o,) = rows[rows["pid"] == orphaned.pid]
+    (ox,) = exits[exits["pid"] == orphaned.pid]
+    assert (o["signal"], o["flags"] & 4, ox["signal"], ox["flags"]) == (signal.SIGSEGV, 0, 0, 4)
 
 
 def test_core_dump_is_flagged_and_other_signals_are_not_rows(probe: LoadedProbe, tmp_path: Path) -> None:

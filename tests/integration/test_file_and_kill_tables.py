@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from node_agent.bcc_loader import import_bcc
 from tests.support.memcg import memory_cgroup
 from tests.support.opens import openat
 from tests.support.procs import FleetscopeProcess
+from tests.support.real import require_real
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -30,6 +32,14 @@ def query(data_dir: Path, sql: str) -> list[list[str]]:
     return [line.split("\t") for line in out.stdout.splitlines()[1:]]
 
 
+def require_bcc() -> None:
+    """bcc importable (Debian's python3-bpfcc), for the fallback loader's run."""
+    try:
+        import_bcc()
+    except (ImportError, OSError) as e:
+        require_real(f"bcc fallback: {e}")
+
+
 def sleeper() -> subprocess.Popen[bytes]:
     """`sleep 30`, returned once it has exec'd."""
     p = subprocess.Popen(["sleep", "30"])
@@ -38,14 +48,17 @@ def sleeper() -> subprocess.Popen[bytes]:
     return p
 
 
-def test_opens_kills_and_an_oom_become_rows(bpf_objects: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loader", ["libbpf", "bcc"])
+def test_opens_kills_and_an_oom_become_rows(bpf_objects: Path, tmp_path: Path, loader: str) -> None:
     top = Path(f"/tmp/fs-e2e-{uuid.uuid4().hex[:12]}")
     watched, outside = top / "watched", top / "outside"
     watched.mkdir(parents=True)
     outside.mkdir()
+    if loader == "bcc":
+        require_bcc()
     data_dir = tmp_path / "store"
     run = FleetscopeProcess(
-        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_objects),
+        "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_objects), "--loader", loader,
         "--probes", "file_open,oom_kills,fatal_signals", "--file-open-prefixes", f"{watched}/",
         "--status", "log", "--status-interval", "1s", log=tmp_path / "run.log",
     )  # fmt: skip

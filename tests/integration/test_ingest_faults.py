@@ -146,6 +146,9 @@ def exit_batch(node: str, seq: int, rows: int = VALID_ROWS, **header: object) ->
         "comm": np.array([b"sh", b"ls"] * rows, dtype="S16")[:rows], "exit_code": np.zeros(rows, np.int32),
         "signal": np.zeros(rows, np.uint32), "duration_ns": np.ones(rows, np.uint64),
     }  # fmt: skip
+    for c in SCHEMAS["process_exit"].columns:  # the later minors' columns its minor must have (zeros)
+        if c.name not in cols and not c.may_be_absent(h.schema_minor):
+            cols[c.name] = np.zeros(rows, c.dtype) if c.dtype is not None else np.zeros(rows, "S1")
     return encode_batch(SCHEMAS["process_exit"], h, cols)
 
 

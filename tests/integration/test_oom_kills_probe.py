@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.loader import load_probe
+from node_agent.loader import lent_maps, load_probe, mark_joined
 from tests.support.memcg import MemoryCgroup, memory_cgroup
 from tests.support.tracefs import run_in_private_tracefs
 
@@ -102,6 +102,7 @@ def test_a_real_oom_kill_is_one_row_with_the_kernels_figures(bpf_objects: Path, 
     assert 8 << 10 <= r["anon_rss_kb"] <= LIMIT >> 10  # most of the 20 MiB is the hog's
     assert r["total_vm_kb"] > r["anon_rss_kb"] and r["pgtables_kb"] > 0
     assert stats == {"emitted": len(rows), "dropped": 0}
+    assert r["flags"] == 0  # figures known; no process probe reads oom_victims: the row's own span
 
     logged = killed_process_line(victim.pid)
     if logged is not None:  # the same numbers as the kernel's own report
@@ -111,6 +112,40 @@ def test_a_real_oom_kill_is_one_row_with_the_kernels_figures(bpf_objects: Path, 
     assert len(death) == 1
     d = death[0]
     assert (d["signal"], d["code"], d["sender_pid"], d["flags"] & 2) == (9, SI_KERNEL, victim.pid, 2)
+
+
+FIGURES = ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb", "pgtables_kb", "oom_score_adj")
+
+
+def test_the_victims_process_exit_row_carries_the_kill(bpf_objects: Path, memcg: MemoryCgroup) -> None:
+    """With the process probe reading oom_kills' and fatal_signals' maps (as the agent loads
+    them), the victim's process_exit record has the figures of its oom_kills row, the kill's
+    time and the SIGKILL's sender, and both rows say that it does."""
+    settings = Settings(bpf_objects)
+    with (
+        load_probe("oom_kills", settings) as oom,
+        load_probe("fatal_signals", settings) as fatal,
+        load_probe("process", settings, reuse=lent_maps([oom, fatal])) as proc,
+    ):
+        assert proc.borrowed == ("oom_victims", "fatal_signals_senders")
+        mark_joined(proc, [oom, fatal, proc])
+        for ring in (*oom.rings.values(), *fatal.rings.values(), *proc.rings.values()):
+            ring.drain()
+        victim = memcg.spawn_hog(oom_score_adj=400)
+        assert victim.wait(60) == -9
+        time.sleep(0.05)
+        kills = oom.rings["oom_kills"].drain()
+        deaths = fatal.rings["fatal_signals"].drain()
+        exits = proc.rings["process_exit"].drain()
+    (r,) = kills[kills["pid"] == victim.pid]
+    (d,) = deaths[deaths["pid"] == victim.pid]
+    (x,) = exits[exits["pid"] == victim.pid]
+    assert r["flags"] & 2 and d["flags"] & 4  # OOM_KILLS_IN_PROCESS_EXIT, FATAL_SIGNALS_IN_PROCESS_EXIT
+    assert x["flags"] == 1 | 2 | 4  # OOM-killed, sender known, fatal_signals joined
+    assert {k: int(x[f"oom_{k}" if k != "oom_score_adj" else k]) for k in FIGURES} == {k: int(r[k]) for k in FIGURES}
+    assert x["oom_score_adj"] == 400 and x["oom_trigger_pid"] == r["trigger_pid"] == victim.pid
+    assert x["time_ns"] - x["oom_delay_ns"] == r["time_ns"]  # the kill's time, as its row has it
+    assert (x["signal"], x["signal_code"], x["signal_sender_pid"]) == (9, SI_KERNEL, victim.pid)
 
 
 CLASSIC = r"""

@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pytest
 
 from node_agent.loader import cgroup2_mount
 from tests.integration.test_tcp_connections import Exchange, run_exchanges, running_server
-from tests.support.otlp_receiver import ReceivedSpan, otlp_receiver
+from tests.support.otlp_receiver import ReceivedSpan, attributes, otlp_receiver
 from tests.support.procs import FleetscopeProcess, spawn_markers
 from tests.support.real import require_real
 
@@ -208,6 +209,117 @@ def assert_connection(client: ReceivedSpan, server: ReceivedSpan, ex: Exchange, 
         assert 0 < span.span.end_time_unix_nano - span.span.start_time_unix_nano < 10**10
     # the server's end starts when the handshake completes, after the client's SYN
     assert client.span.start_time_unix_nano <= server.span.start_time_unix_nano
+
+
+SI_KERNEL, SEGV_MAPERR = 0x80, 1
+SEGFAULT = "import ctypes\nctypes.string_at(0)\n"
+FIGURES = ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb", "pgtables_kb", "oom_score_adj")
+
+
+def test_kills_are_events_of_the_process_span_or_spans_of_their_own(bpf_objects, tmp_path: Path) -> None:
+    """Through `fleetscope run` with the process, oom_kills and fatal_signals probes (the
+    exit joined with the other two in the kernel) and a 1 s process threshold: a process that
+    lived longer and died of SIGKILL, SIGSEGV or the OOM killer is ONE process span with a
+    "process.signal" event naming the sender (and a "process.oom_kill" event with the
+    figures of its oom_kills row); a short-lived one is a "signal <SIG>" span (and an "oom
+    kill" span) instead. Nothing is reported twice."""
+    from tests.support.memcg import HOG, memory_cgroup
+
+    data_dir = tmp_path / "store"
+    me = os.getpid()
+    no_cores = "import resource; resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
+    with otlp_receiver() as receiver, memory_cgroup(20 << 20) as memcg:
+        run = FleetscopeProcess(
+            "run", "--probes", "process,oom_kills,fatal_signals", "--data-dir", str(data_dir),
+            "--bpf-dir", str(bpf_objects), "--status", "log", "--sql-listen", "off", "--node-name", "kill-node",
+            "--batch-max-age", "200ms", "--otlp-protocol", "http/protobuf", "--span-process-min-duration", "1s",
+            log=tmp_path / "run.log", env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, **FAST_EXPORT},
+        )  # fmt: skip
+        with run:
+            run.wait_for_log("probe process running", 120)
+
+            def hog(pause: float) -> subprocess.Popen[bytes]:
+                joins = "; ".join(f'echo $$ > "{p}"' for p in memcg.procs)
+                code = f"import time\ntime.sleep({pause})\n{HOG}"
+                return subprocess.Popen(["sh", "-c", f'{joins}; exec "$0" -c "$1"', sys.executable, code])
+
+            long_kill = subprocess.Popen(["sleep", "30"])
+            long_segv = subprocess.Popen([sys.executable, "-c", f"{no_cores}import time\ntime.sleep(1.3)\n{SEGFAULT}"])
+            long_oom = hog(1.3)
+            time.sleep(1.3)
+            long_kill.kill()
+            short_kill = subprocess.Popen(["sleep", "30"])
+            short_kill.kill()
+            short_segv = subprocess.Popen([sys.executable, "-c", no_cores + SEGFAULT])
+            short_oom = hog(0)
+            for p, code in ((long_kill, -9), (long_segv, -11), (long_oom, -9), (short_kill, -9), (short_segv, -11),
+                            (short_oom, -9)):  # fmt: skip
+                assert p.wait(60) == code
+            pids = {p.pid for p in (long_kill, long_segv, long_oom, short_kill, short_segv, short_oom)}
+
+            def ours(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+                return [s for s in spans if s.attributes.get("process.pid") in pids]
+
+            receiver.wait_for(lambda s: len(ours(s)) >= 7, 30)
+            run.stop(signal.SIGINT)
+        assert run.returncode == 0, run.log_text()[-3000:]
+        got = ours(list(receiver.spans))
+    by_pid: dict[int, list[ReceivedSpan]] = {}
+    for s in got:
+        by_pid.setdefault(s.attributes["process.pid"], []).append(s)
+    assert {pid: sorted(s.name.split()[0] for s in spans) for pid, spans in by_pid.items()} == {
+        long_kill.pid: ["process"], long_segv.pid: ["process"], long_oom.pid: ["process"],
+        short_kill.pid: ["signal"], short_segv.pid: ["signal"], short_oom.pid: ["oom", "signal"],
+    }  # fmt: skip
+    oom_rows = {
+        r["pid"]: r
+        for r in query(data_dir, f"SELECT * FROM fleet.oom_kills WHERE pid IN ({long_oom.pid}, {short_oom.pid})")
+    }
+    assert sorted(oom_rows) == sorted((long_oom.pid, short_oom.pid))
+
+    def events(span: ReceivedSpan) -> dict[str, dict[str, object]]:
+        return {e.name: attributes(e.attributes) for e in span.span.events}
+
+    def sender(pid: int, code: int) -> dict[str, object]:
+        return {"fleetscope.signal.sender.pid": pid, "fleetscope.signal.code": code}
+
+    (span,) = by_pid[long_kill.pid]
+    assert span.name == "process sleep" and list(events(span)) == ["process.signal"]
+    assert events(span)["process.signal"].items() >= sender(me, 0).items()
+    (span,) = by_pid[long_segv.pid]
+    assert events(span)["process.signal"].items() >= sender(long_segv.pid, SEGV_MAPERR).items()
+    (span,) = by_pid[long_oom.pid]
+    assert list(events(span)) == ["process.signal", "process.oom_kill"]  # SIGKILL sent, then the victim marked
+    assert events(span)["process.signal"].items() >= sender(long_oom.pid, SI_KERNEL).items()
+    row = oom_rows[long_oom.pid]
+    assert events(span)["process.oom_kill"] == {
+        **{f"fleetscope.oom.{k}": int(row[k]) for k in FIGURES}, "fleetscope.oom.trigger.pid": long_oom.pid,
+    }  # fmt: skip
+    # the exit row itself, in fleet.process_exit (migration 0050), has the kill and the sender
+    (x,) = query(
+        data_dir, "SELECT oom_killed, oom_anon_rss_kb, oom_score_adj, signal_sender_known, signal_sender_pid, "
+        f"signal_code FROM fleet.process_exit WHERE pid = {long_oom.pid}",
+    )  # fmt: skip
+    assert x == {"oom_killed": 1, "oom_anon_rss_kb": row["anon_rss_kb"], "oom_score_adj": row["oom_score_adj"],
+                 "signal_sender_known": 1, "signal_sender_pid": long_oom.pid, "signal_code": SI_KERNEL}  # fmt: skip
+    (span,) = by_pid[short_kill.pid]
+    assert span.name == "signal SIGKILL" and span.attributes.items() >= sender(me, 0).items()
+    (span,) = by_pid[short_segv.pid]
+    assert span.name == "signal SIGSEGV" and span.attributes.items() >= sender(short_segv.pid, SEGV_MAPERR).items()
+    kill = next(s for s in by_pid[short_oom.pid] if s.name == "oom kill")
+    row = oom_rows[short_oom.pid]
+    assert {k: kill.attributes[f"fleetscope.oom.{k}"] for k in FIGURES} == {k: int(row[k]) for k in FIGURES}
+    # the kill's time, as its oom_kills row has it (the span is the instant of the kill; each
+    # batch converts boot time to wall time on its own, which may differ by a few ns)
+    stamp = query(data_dir, f"SELECT toUnixTimestamp64Nano(time) AS t FROM fleet.oom_kills WHERE pid = {short_oom.pid}")
+    assert kill.span.start_time_unix_nano == kill.span.end_time_unix_nano
+    assert abs(kill.span.start_time_unix_nano - int(stamp[0]["t"])) < 1_000_000
+    # the same spans and events in fleet.otel_traces
+    stored = query(
+        data_dir, "SELECT SpanId, Events.Name AS events FROM fleet.otel_traces WHERE SpanAttributes['process.pid'] IN "
+        f"({', '.join(map(str, pids))})",
+    )  # fmt: skip
+    assert {r["SpanId"]: r["events"] for r in stored} == {s.span_id: [e.name for e in s.span.events] for s in got}
 
 
 @pytest.mark.kafka

@@ -189,7 +189,7 @@ def test_every_exec_and_exit_arrives_once_with_its_fields(probe: LoadedProbe, ow
 
     ex, xt = concat(execs), concat(exits)
     ex, xt = ex[ex["ppid"] == me], xt[xt["ppid"] == me]
-    assert ex.dtype.itemsize == 1336 and xt.dtype.itemsize == 56
+    assert ex.dtype.itemsize == 1336 and xt.dtype.itemsize == 152
     by_pid = {int(r["pid"]): r for r in ex}
     assert len(by_pid) == len(ex), "one exec record per process"
     exit_by_pid = {int(r["pid"]): r for r in xt}
@@ -211,6 +211,8 @@ def test_every_exec_and_exit_arrives_once_with_its_fields(probe: LoadedProbe, ow
 
     k = exit_by_pid[killed.pid]
     assert (k["signal"], k["exit_code"]) == (signal.SIGKILL, 0)
+    # without oom_kills / fatal_signals sharing their maps the joined fields stay zero
+    assert (k["flags"], k["signal_sender_pid"], k["oom_delay_ns"], k["signal_sender_comm"]) == (0, 0, 0, b"")
     assert by_pid[killed.pid]["filename"] == b"/bin/sleep"
     assert exit_by_pid[threads.pid]["exit_code"] == 7
 

@@ -25,7 +25,10 @@ RECORDS = {
         "comm", "filename", "args",
     ],
     "process_exit_event": [
-        "time_ns", "cgroup_id", "duration_ns", "pid", "ppid", "exit_code", "signal", "comm",
+        "time_ns", "cgroup_id", "duration_ns", "oom_delay_ns", "oom_total_vm_kb", "oom_anon_rss_kb",
+        "oom_file_rss_kb", "oom_shmem_rss_kb", "oom_pgtables_kb", "signal_delay_ns", "pid", "ppid", "exit_code",
+        "signal", "flags", "oom_trigger_pid", "signal_sender_pid", "signal_sender_uid", "signal_code",
+        "oom_score_adj", "pad", "comm", "signal_sender_comm",
     ],
 }  # fmt: skip
 

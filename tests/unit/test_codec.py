@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fleetscope import codec
-from fleetscope.codec import SCHEMAS, BatchDecodeError, decode_batch, encode_batch
+from fleetscope.codec import SCHEMA_MINOR, SCHEMAS, BatchDecodeError, decode_batch, encode_batch
 from fleetscope.v1 import batch_pb2, process_pb2
 
 rng = np.random.default_rng(7)
@@ -122,8 +122,8 @@ def test_schema_columns_come_from_the_proto() -> None:
 
 
 def _evolved_exit_schema() -> codec.StreamSchema:
-    """ProcessExitBatch as a later minor (2) would define it: a numeric column (150, fixed64,
-    2 per row) and a string column (151) added with since_minor = 2, built as a real
+    """ProcessExitBatch as a later minor (3) would define it: a numeric column (150, fixed64,
+    2 per row) and a string column (151) added with since_minor = 3, built as a real
     protobuf descriptor so the codec reads the options as it reads batch.proto's."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -133,11 +133,11 @@ def _evolved_exit_schema() -> codec.StreamSchema:
     added = msg.field.add(name="weight", number=150, label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
                           type=descriptor_pb2.FieldDescriptorProto.TYPE_FIXED64)  # fmt: skip
     added.options.Extensions[batch_pb2.per_row] = 2
-    added.options.Extensions[batch_pb2.since_minor] = 2
+    added.options.Extensions[batch_pb2.since_minor] = 3
     label = msg.field.add(name="label", number=151, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
                           type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
                           type_name=".fleetscope.v1.StringColumn")  # fmt: skip
-    label.options.Extensions[batch_pb2.since_minor] = 2
+    label.options.Extensions[batch_pb2.since_minor] = 3
     pool = descriptor_pool.Default()  # batch.proto's options live there
     try:
         desc = pool.FindMessageTypeByName("fleetscope_test.ProcessExitBatch")
@@ -147,39 +147,44 @@ def _evolved_exit_schema() -> codec.StreamSchema:
     return codec._schema_from_descriptor("process_exit", message_factory.GetMessageClass(desc))
 
 
-def exit_columns(n: int) -> dict[str, np.ndarray]:
-    return {
+def exit_columns(n: int, minor: int = SCHEMA_MINOR) -> dict[str, np.ndarray]:
+    """process_exit columns as a writer at `minor` has them (the joined oom_/signal_ ones from 2)."""
+    cols = {
         "time": np.arange(n, dtype=np.uint64), "pid": np.arange(n, dtype=np.uint32) + 100,
         "ppid": np.ones(n, np.uint32), "cgroup_id": np.full(n, 7, np.uint64),
         "comm": np.array([b"sh", b"ls"] * n, dtype="S16")[:n], "exit_code": np.arange(n, dtype=np.int32),
         "signal": np.zeros(n, np.uint32), "duration_ns": np.full(n, 5, np.uint64),
     }  # fmt: skip
+    for c in SCHEMAS["process_exit"].columns:
+        if 0 < c.since_minor <= minor:
+            cols[c.name] = np.full(n, 1, c.dtype) if c.dtype is not None else np.array([b"kill"] * n, "S16")
+    return cols
 
 
 def test_since_minor_is_read_from_the_field_options() -> None:
     cols = {c.name: c for c in _evolved_exit_schema().columns}
-    assert (cols["weight"].since_minor, cols["weight"].per_row, cols["label"].since_minor) == (2, 2, 2)
+    assert (cols["weight"].since_minor, cols["weight"].per_row, cols["label"].since_minor) == (3, 2, 3)
     assert cols["pid"].since_minor == 0 and not cols["weight"].omittable
 
 
 def test_batch_from_a_newer_minor_decodes_its_known_columns() -> None:
-    """A writer at minor 2 adds columns this reader (minor 1) does not know: skipped."""
+    """A writer at minor 3 adds columns this reader (minor 2) does not know: skipped."""
     newer = _evolved_exit_schema()
     h = header("process_exit", 4)
-    h.schema_minor = 2
+    h.schema_minor = 3
     cols = {**exit_columns(4), "weight": np.arange(8, dtype=np.uint64),
             "label": np.array([b"x", b"y", b"x", b"z"], dtype="S4")}  # fmt: skip
     out = decode_batch(SCHEMAS["process_exit"], encode_batch(newer, h, cols))
     assert out.columns["pid"].tolist() == [100, 101, 102, 103]
     assert out.columns["comm"].decoded().tolist() == ["sh", "ls", "sh", "ls"]
-    assert "weight" not in out.columns and out.header.schema_minor == 2
+    assert "weight" not in out.columns and out.header.schema_minor == 3
 
 
 def test_batch_from_the_previous_minor_gets_defaults_for_later_columns() -> None:
-    """A reader at minor 2 reads a minor-1 batch (without the minor-2 columns): zeros and ""."""
+    """A reader at minor 3 reads a minor-2 batch (without the minor-3 columns): zeros and ""."""
     newer = _evolved_exit_schema()
     h = header("process_exit", 3)
-    h.schema_minor = 1
+    h.schema_minor = 2
     out = decode_batch(newer, encode_batch(SCHEMAS["process_exit"], h, exit_columns(3)))
     assert out.columns["weight"].shape == (3, 2) and not out.columns["weight"].any()
     assert out.columns["label"].decoded().tolist() == ["", "", ""]
@@ -189,13 +194,26 @@ def test_batch_from_the_previous_minor_gets_defaults_for_later_columns() -> None
 def test_a_batch_of_the_columns_minor_that_lacks_it_is_truncated() -> None:
     newer = _evolved_exit_schema()
     h = header("process_exit", 3)
-    h.schema_minor = 2  # says it was written with the column, yet it is not there
+    h.schema_minor = 3  # says it was written with the column, yet it is not there
     wire = encode_batch(SCHEMAS["process_exit"], h, exit_columns(3))
     with pytest.raises(BatchDecodeError, match="weight"):
         decode_batch(newer, wire)
     short = {**exit_columns(3), "weight": np.arange(5, dtype=np.uint64), "label": np.array([b"a"] * 3, "S1")}
     with pytest.raises(ValueError, match="weight"):  # the encoder refuses too
         encode_batch(newer, h, short)
+
+
+def test_minor_1_exit_batch_without_the_joined_columns_decodes() -> None:
+    """An agent of minor 1 writes process_exit without the oom_/signal_ columns of minor 2:
+    read as zeros and "" (no OOM kill, no sender)."""
+    h = header("process_exit", 2)
+    h.schema_minor = 1
+    out = decode_batch(SCHEMAS["process_exit"], encode_batch(SCHEMAS["process_exit"], h, exit_columns(2, minor=1)))
+    assert out.columns["oom_killed"].tolist() == [0, 0] and out.columns["signal_delay_ns"].tolist() == [0, 0]
+    assert out.columns["signal_sender_comm"].decoded().tolist() == ["", ""]
+    full = decode_batch(SCHEMAS["process_exit"], encode_batch(SCHEMAS["process_exit"], header("process_exit", 2),
+                                                              exit_columns(2)))  # fmt: skip
+    assert full.columns["oom_killed"].tolist() == [1, 1]
 
 
 def test_version_1_0_batch_without_identity_columns_decodes() -> None:

@@ -25,8 +25,13 @@ def test_batches_respect_the_byte_bound_and_learn_the_encoded_size() -> None:
     from node_agent.batcher import Batcher, node_identity
     from node_agent.probes.process import exit_columns
 
-    dtype = np.dtype([("time_ns", "<u8"), ("cgroup_id", "<u8"), ("duration_ns", "<u8"), ("pid", "<u4"),
-                      ("ppid", "<u4"), ("exit_code", "<u4"), ("signal", "<u4"), ("comm", "S16")])  # fmt: skip
+    dtype = np.dtype([("time_ns", "<u8"), ("cgroup_id", "<u8"), ("duration_ns", "<u8"), ("oom_delay_ns", "<u8"),
+                      ("oom_total_vm_kb", "<u8"), ("oom_anon_rss_kb", "<u8"), ("oom_file_rss_kb", "<u8"),
+                      ("oom_shmem_rss_kb", "<u8"), ("oom_pgtables_kb", "<u8"), ("signal_delay_ns", "<u8"),
+                      ("pid", "<u4"), ("ppid", "<u4"), ("exit_code", "<u4"), ("signal", "<u4"), ("flags", "<u4"),
+                      ("oom_trigger_pid", "<u4"), ("signal_sender_pid", "<u4"), ("signal_sender_uid", "<u4"),
+                      ("signal_code", "<i4"), ("oom_score_adj", "<i2"), ("pad", "<u2"), ("comm", "S16"),
+                      ("signal_sender_comm", "S16")])  # fmt: skip
     rec = np.zeros(20000, dtype)
     rec["pid"] = np.arange(20000)
     rec["comm"] = b"sh"
@@ -37,4 +42,51 @@ def test_batches_respect_the_byte_bound_and_learn_the_encoded_size() -> None:
     decoded = [decode_batch(SCHEMAS["process_exit"], b.payload) for b in batches]
     assert np.concatenate([d.columns["pid"] for d in decoded]).tolist() == list(range(20000))
     # after the first (pessimistic) batch, batches fill up to the bound: few, not hundreds
-    assert len(batches) < 2 * (20000 * 40 // (64 << 10)) + 4
+    assert len(batches) < 2 * (20000 * 160 // (64 << 10)) + 4  # ~153 encoded bytes per row
+
+
+def test_padded_strings_equal_c_strings_on_nul_padded_fields() -> None:
+    from node_agent.columns import padded_strings
+
+    rng = np.random.default_rng(7)
+    for width in (1, 7, 8, 15, 16, 21, 256):
+        values = [bytes(rng.integers(1, 256, rng.integers(0, width + 1), dtype=np.uint8)) for _ in range(300)]
+        rec = np.zeros(len(values), [("pid", "<u4"), ("s", f"S{width}"), ("flags", "u1")])
+        rec["s"] = values  # NUL padded, as memset + bpf_probe_read_*_str or bpf_get_current_comm leave it
+        padded, reference = padded_strings(rec["s"]), c_strings(rec["s"])
+        assert padded.tolist() == reference.tolist() == values and padded.dtype == reference.dtype
+    assert padded_strings(np.zeros(3, "S16")).tolist() == [b""] * 3
+
+
+def test_records_read_straight_into_the_batch_cut_it_at_the_row_bound() -> None:
+    """Batcher.add_from lets a reader (RingBuffer.drain_into) fill the pending batch in place;
+    full batches are cut and the reader goes on into the next one."""
+    from fleetscope.codec import SCHEMAS, decode_batch
+    from node_agent.agent import STATS_DTYPE, STATS_STREAM, stats_columns
+    from node_agent.batcher import Batcher, node_identity
+
+    source = np.zeros(2500, STATS_DTYPE)
+    source["value"] = np.arange(2500)
+    source["counter"] = b"emitted"
+    pos = 0
+
+    def read(out: np.ndarray) -> int:
+        nonlocal pos
+        n = min(len(out), len(source) - pos, 700)  # a ring hands over what it holds, not more
+        out[:n] = source[pos : pos + n]
+        pos += n
+        return n
+
+    batcher = Batcher(node_identity("n"), {STATS_STREAM: stats_columns}, 1000, 1 << 20, 60.0)
+    got, batches = batcher.add_from(STATS_STREAM, STATS_DTYPE, read)
+    assert got == 700 and batches == [] and batcher.pending_rows == 700  # the reader ran dry
+    got, batches = batcher.add_from(STATS_STREAM, STATS_DTYPE, read)
+    assert got == 1000 and [b.rows for b in batches] == [1000]  # 300 to fill it, 700 in the next
+    while pos < len(source):
+        got, more = batcher.add_from(STATS_STREAM, STATS_DTYPE, read)
+        batches += more
+    batches += batcher.flush()
+    assert [b.rows for b in batches] == [1000, 1000, 500]
+    decoded = [decode_batch(SCHEMAS[STATS_STREAM], b.payload) for b in batches]
+    assert np.concatenate([d.columns["value"] for d in decoded]).tolist() == list(range(2500))
+    assert {v for d in decoded for v in d.columns["counter"].values} == {b"emitted"}

@@ -95,4 +95,5 @@ def test_columns_match_the_proto_and_the_table(probe: str) -> None:
     sql = "".join(t for p in sorted(MIGRATIONS.glob("*.sql")) if f"fleet.{stream.name}\n" in (t := p.read_text()))
     table_columns = set(re.findall(r"^\s+(?:ADD COLUMN IF NOT EXISTS )?`(\w+)`", sql, re.M))
     table_columns -= {"node", *TABLE_COLUMNS, *BATCH_COLUMNS}
-    assert {c.name for c in schema.columns} == table_columns
+    # in_process_exit routes a row's span (ingester/spans.py), it is no event data: wire only
+    assert {c.name for c in schema.columns} - {"in_process_exit"} == table_columns

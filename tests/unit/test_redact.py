@@ -124,3 +124,24 @@ def test_redaction_of_argv_records_is_cheap() -> None:
     assert not any(re.search(rb"password=x\d", v) for v in out.tolist())
     print(f"redact {rows} rows: {took * 1e3:.1f} ms")
     assert took < 0.5
+
+
+def test_repeated_values_are_masked_in_every_row_and_merge_once_masked() -> None:
+    """Redaction runs per distinct value: every row repeating a secret is masked and counted,
+    and two secrets that mask alike end up as one dictionary entry."""
+    from fleetscope.codec import pack_strings, string_dictionary
+
+    values = [b"app --password=a", b"ls", b"app --password=b", b"app --password=***", b"ls", b"app --password=a"]
+    col = np.array(values * 1000)
+    r = Redactor(DEFAULT_PATTERNS)
+    out, n = r.redact(col)
+    assert n == 3000  # the rows that changed: "=a" twice and "=b" once per repetition
+    assert out.tolist() == [b"app --password=***", b"ls", b"app --password=***", b"app --password=***", b"ls",
+                            b"app --password=***"] * 1000  # fmt: skip
+    entries, index, rows = r.redact_dictionary(*string_dictionary(col))
+    assert rows == 3000
+    # "=a" and "=b" masked into one entry; the command line that already read "=***" keeps its own
+    assert sorted(entries.tolist()) == [b"app --password=***", b"app --password=***", b"ls"]
+    assert entries[index].tolist() == out.tolist()
+    data, offsets = pack_strings(entries)
+    assert len(data) == int(offsets[-1]) == len(b"app --password=***app --password=***ls")

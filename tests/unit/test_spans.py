@@ -21,7 +21,7 @@ from ingester import spans as spans_mod
 from ingester.load import BatchLoader
 from ingester.spans import SpanOptions, build
 from ingester.traces import SpanWriter, readable_spans
-from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, attributes, otlp_receiver
 
 T0 = time.time_ns() // 10**9 * 10**9  # recent: older rows would fall to the tables' 30-day TTL
 OPTS = SpanOptions(process_min_duration_ns=1_000_000_000)
@@ -441,6 +441,157 @@ def test_fatal_signals_and_oom_kills_become_spans(receiver, loader, monkeypatch)
     kill = next(s for s in got if s.name == "oom kill")
     assert kill.span.start_time_unix_nano == kill.span.end_time_unix_nano == T0 + 1
     assert kill.attributes["fleetscope.oom.anon_rss_kb"] == 800_000 and kill.resource["service.name"] == "hog"
+
+
+SECOND = 1_000_000_000
+OOM_FIGURES = dict(oom_total_vm_kb=900_000, oom_anon_rss_kb=800_000, oom_file_rss_kb=10, oom_shmem_rss_kb=4,
+                   oom_pgtables_kb=1600, oom_score_adj=500, oom_trigger_pid=40)  # fmt: skip
+SENDER = dict(signal_sender_known=1, signal_code=128, signal_sender_pid=40, signal_sender_uid=0,
+              signal_sender_comm="alloc", fatal_signals_joined=1)  # fmt: skip
+JOINED_EXITS = [
+    # long-lived, OOM-killed: SIGKILL from the allocating task (generated 90 us before the
+    # exit), marked a victim 80 us before the exit
+    {
+        "time": T0,
+        "pid": 50,
+        "ppid": 1,
+        "cgroup_id": 9,
+        "comm": "hog",
+        "signal": 9,
+        "duration_ns": 5 * SECOND,
+        "oom_killed": 1,
+        "oom_delay_ns": 80_000,
+        "signal_delay_ns": 90_000,
+        **OOM_FIGURES,
+        **SENDER,
+    },
+    # the same, short-lived: no process span, an "oom kill" and a "signal SIGKILL" span instead
+    {
+        "time": T0 + 7,
+        "pid": 51,
+        "ppid": 1,
+        "cgroup_id": 9,
+        "comm": "hog",
+        "signal": 9,
+        "duration_ns": SECOND // 10,
+        "oom_killed": 1,
+        "oom_delay_ns": 80_000,
+        "signal_delay_ns": 90_000,
+        **OOM_FIGURES,
+        **SENDER,
+    },
+    # short-lived, SIGSEGV (its own fault): a "signal SIGSEGV" span
+    {
+        "time": T0 + 8,
+        "pid": 52,
+        "ppid": 1,
+        "cgroup_id": 9,
+        "comm": "crash",
+        "signal": 11,
+        "duration_ns": 1000,
+        "signal_delay_ns": 5_000,
+        **SENDER,
+        "signal_code": 1,
+        "signal_sender_pid": 52,
+        "signal_sender_comm": "crash",
+    },
+    # short-lived, SIGTERM: fatal_signals reports no SIGTERM, so no span at all
+    {
+        "time": T0 + 9,
+        "pid": 53,
+        "ppid": 1,
+        "cgroup_id": 9,
+        "comm": "sleep",
+        "signal": 15,
+        "duration_ns": 1000,
+        "fatal_signals_joined": 1,
+    },
+    # short-lived SIGKILL on a node where fatal_signals did not share its map: its own row makes the span
+    {"time": T0 + 10, "pid": 54, "ppid": 1, "cgroup_id": 9, "comm": "sleep", "signal": 9, "duration_ns": 1000},
+]
+
+
+def test_oom_kill_and_signal_are_events_of_the_process_span(receiver, loader, monkeypatch) -> None:
+    got = export_http(receiver, monkeypatch, loader, (make_batch("process_exit", JOINED_EXITS), None))
+    assert sorted((s.name, s.attributes["process.pid"]) for s in got) == [
+        ("oom kill", 51), ("process hog", 50), ("signal SIGKILL", 51), ("signal SIGSEGV", 52),
+    ]  # fmt: skip
+    hog = next(s for s in got if s.name == "process hog")
+    assert (hog.span.status.code, hog.span.status.message) == (2, "killed by SIGKILL")
+    figures = {
+        "fleetscope.oom.total_vm_kb": 900_000,
+        "fleetscope.oom.anon_rss_kb": 800_000,
+        "fleetscope.oom.file_rss_kb": 10,
+        "fleetscope.oom.shmem_rss_kb": 4,
+        "fleetscope.oom.pgtables_kb": 1600,
+        "fleetscope.oom.oom_score_adj": 500,
+        "fleetscope.oom.trigger.pid": 40,
+    }
+    sender = {
+        "fleetscope.signal.code": 128,
+        "fleetscope.signal.sender.pid": 40,
+        "fleetscope.signal.sender.uid": 0,
+        "fleetscope.signal.sender.name": "alloc",
+    }
+    # in time order: the OOM killer sends SIGKILL, then marks the victim
+    assert [(e.name, e.time_unix_nano, attributes(e.attributes)) for e in hog.span.events] == [
+        ("process.signal", T0 - 90_000, {"fleetscope.process.signal": "SIGKILL", **sender}),
+        ("process.oom_kill", T0 - 80_000, figures),
+    ]
+    kill = next(s for s in got if s.name == "oom kill")
+    assert kill.span.start_time_unix_nano == kill.span.end_time_unix_nano == T0 + 7 - 80_000
+    assert kill.attributes == {
+        "process.pid": 51, "process.parent_pid": 1, "process.executable.name": "hog", **figures,
+        "fleetscope.cgroup_id": 9,
+    }  # fmt: skip
+    sig = next(s for s in got if s.name == "signal SIGKILL")
+    assert (sig.span.start_time_unix_nano, sig.span.end_time_unix_nano) == (T0 + 7 - 90_000, T0 + 7)
+    assert (sig.span.status.code, sig.span.status.message) == (2, "killed by SIGKILL")
+    assert sig.attributes == {
+        "process.pid": 51, "process.parent_pid": 1, "process.executable.name": "hog",
+        "fleetscope.process.signal": "SIGKILL", **sender, "fleetscope.cgroup_id": 9,
+    }  # fmt: skip
+    segv = next(s for s in got if s.name == "signal SIGSEGV")
+    assert segv.attributes["fleetscope.signal.sender.pid"] == 52 and segv.attributes["fleetscope.signal.code"] == 1
+    ids = {s.span_id for s in got}
+    assert len(ids) == 4  # the standalone spans of one row have ids of their own
+    # fleet.otel_traces: the same spans, the events in Events.* in the same order
+    rows = loader._client.query(
+        "SELECT SpanId, Events.Name, arrayMap(t -> toUnixTimestamp64Nano(t), Events.Timestamp), Events.Attributes "
+        "FROM fleet.otel_traces"
+    ).result_rows
+    assert {r[0] for r in rows} == ids
+    stored = {r[0]: r[1:] for r in rows}
+    assert stored[hog.span_id] == (
+        ["process.signal", "process.oom_kill"],
+        [T0 - 90_000, T0 - 80_000],
+        [{"fleetscope.process.signal": "SIGKILL", **{k: str(v) for k, v in sender.items()}},
+         {k: str(v) for k, v in figures.items()}],
+    )  # fmt: skip
+    assert all(stored[i] == ([], [], []) for i in ids - {hog.span_id})
+
+
+def test_rows_their_process_exit_carries_make_no_span_of_their_own(loader) -> None:
+    fatal = [
+        {"time": T0, "pid": 20, "ppid": 1, "comm": "a", "signal": 9, "in_process_exit": 1},
+        {"time": T0, "pid": 21, "ppid": 1, "comm": "b", "signal": 9, "in_process_exit": 0},
+    ]
+    oom = [
+        {"time": T0, "pid": 22, "comm": "c", "trigger_comm": "c", "in_process_exit": 1},
+        {"time": T0, "pid": 23, "comm": "d", "trigger_comm": "d", "in_process_exit": 0},
+        {"time": T0, "pid": 24, "comm": "e", "trigger_comm": "e", "in_process_exit": 1},
+    ]
+    signals = build(make_batch("fatal_signals", fatal), OPTS)
+    kills = build(make_batch("oom_kills", oom), OPTS)
+    assert signals is not None and kills is not None
+    assert signals.source_rows.tolist() == [1] and kills.source_rows.tolist() == [1]
+    # ids stay those of (node, stream, batch id, row): the same as before the filter
+    trace, span = spans_mod.span_ids("node-a", "oom_kills", "m1-x-1-1", np.array([1]))
+    assert np.array_equal(kills.span_id, span) and np.array_equal(kills.trace_id, trace)
+    # the process spans and their standalone companions are deterministic too
+    a, b = (build(make_batch("process_exit", JOINED_EXITS), OPTS) for _ in range(2))
+    assert a is not None and b is not None
+    assert np.array_equal(a.span_id, b.span_id) and a.source_rows.tolist() == [0, 1, 1, 2]
 
 
 def test_grpc_protocol_and_streams_without_spans(receiver, loader, monkeypatch) -> None:
