@@ -211,10 +211,11 @@ class KafkaSink:
     to the spool (a write into the page cache), a sender task reads the spool in order and
     keeps at most ``max_in_flight`` batches in the producer, and a batch leaves the spool
     when Kafka acknowledged it. So memory holds at most ``max_in_flight`` batches (and the
-    producer's compressed copies of them) whatever the broker does; an outage fills the
-    disk spool (``spool_max_bytes``), whose oldest segments are evicted and counted
-    (``rows_spool_evicted``). The spool survives restarts: what a stopped or killed agent
-    did not deliver is sent first by the next one, under its original batch id.
+    producer's compressed copies of them, and the spool's 4 MiB of latest appends) whatever
+    the broker does; an outage fills the disk spool (``spool_max_bytes``), whose oldest
+    segments are evicted and counted (``rows_spool_evicted``). The spool survives restarts:
+    what a stopped or killed agent did not deliver is sent first by the next one, under its
+    original batch id.
 
     Order: aiokafka sends one request per broker at a time and mutes a partition while a
     batch of it is in flight, so batches handed over in spool order reach each partition in

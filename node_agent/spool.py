@@ -23,7 +23,9 @@ returned (it is in the kernel's page cache). Against power loss or a kernel cras
 segments holding unacknowledged records are fdatasync'ed at most ``SYNC_INTERVAL`` after
 they were written, by the caller's worker thread (``sync_fds``), so the drain loop never
 waits for the disk. Acknowledged segments are deleted; with a healthy broker they usually
-are before the kernel's writeback (30 s) writes them at all.
+are before the kernel's writeback (30 s) writes them at all. The latest appends (at most
+``TAIL_MAX_BYTES``) are also kept in memory, so a sender that keeps up gets them back without
+reading and checking them again; the file stays the copy that survives a crash.
 
 The spool is bounded by ``max_bytes`` on disk (segments plus quarantine). When an append
 does not fit, quarantined files go first, then the oldest segments, whole: their records
@@ -67,6 +69,7 @@ QUARANTINE_KEEP = 4
 SYNC_INTERVAL = 1.0  # seconds; see the module docstring
 STATS_STREAM = "pipeline_stats"
 SALVAGE_SHARE = 4  # pipeline_stats records move forward while they take at most max_bytes / 4
+TAIL_MAX_BYTES = 4 << 20  # payloads of the latest appends kept in memory for next(); see Spool._from_tail
 
 # per-stream counters this module adds to (rows_dropped/batches_dropped: every loss)
 EVICTED = "spool_evicted"
@@ -250,6 +253,8 @@ class Spool:
         self._read_off = 0
         self._read_fd: tuple[int, int] | None = None  # (segment, fd)
         self._unacked: deque[list[Any]] = deque()  # [segment, offset, done, record] read, not acked
+        self._tail: deque[SpoolRecord] = deque()  # latest appends, with payloads, not yet read
+        self._tail_bytes = 0
         self.stats_bytes = 0  # bytes of pipeline_stats records in the spool, not acknowledged
         self._lock_fd: int | None = None
         self._next_id = 1
@@ -405,6 +410,8 @@ class Spool:
             self._fd = None
         self._active = None
         self._close_read()
+        self._tail.clear()
+        self._tail_bytes = 0
         with contextlib.suppress(OSError):
             self._write_cursor()
         self._delete_acknowledged()
@@ -419,9 +426,15 @@ class Spool:
         """Append one batch (evicting the oldest segments when it does not fit).
         Raises SpoolWriteError when the disk refuses the write."""
         meta = record_meta(stream, batch_id, sequence, rows, created_ns, key, headers, major)
-        self._append(encode_record(meta, payload), stats=stream == STATS_STREAM)
+        segment, offset, size = self._append(encode_record(meta, payload), stats=stream == STATS_STREAM)
+        if len(payload) <= TAIL_MAX_BYTES - self._tail_bytes:
+            hdrs = tuple((k, bytes(v)) for k, v in headers)
+            self._tail.append(SpoolRecord(segment, offset, size, stream, batch_id, sequence, rows, created_ns,
+                                          bytes(key), hdrs, major, payload))  # fmt: skip
+            self._tail_bytes += len(payload)
 
-    def _append(self, buffers: list[bytes], stats: bool = False, salvaging: bool = False) -> None:
+    def _append(self, buffers: list[bytes], stats: bool = False, salvaging: bool = False) -> tuple[int, int, int]:
+        """Write one record; returns its segment, offset and size."""
         size = sum(len(b) for b in buffers)
         if not salvaging:
             self._make_room(size)
@@ -447,6 +460,7 @@ class Spool:
             self.stats_bytes += size
         if self._read_seg is None:
             self._read_seg, self._read_off = self._active.id, self._active.size - size
+        return self._active.id, self._active.size - size, size
 
     def _start_segment(self) -> None:
         seg = _Segment(self._next_id, self.dir / segment_name(self._next_id), 0)
@@ -545,6 +559,8 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             seg.path.unlink()
         del self._segments[seg.id]
+        while self._tail and self._tail[0].segment <= seg.id:  # segments go oldest first
+            self._tail_bytes -= len(self._tail.popleft().payload)
         if self._read_seg is not None and self._read_seg <= seg.id:
             later = [i for i in self._segments if i > seg.id]
             self._read_seg, self._read_off = (later[0], 0) if later else (None, 0)
@@ -566,6 +582,11 @@ class Spool:
                     return None
                 self._read_seg, self._read_off = later[0], 0
                 continue
+            rec = self._from_tail(seg.id, self._read_off)
+            if rec is not None:
+                self._read_off += rec.size
+                self._unacked.append([seg.id, rec.offset, False, rec])
+                return rec
             if self._read_fd is None or self._read_fd[0] != seg.id:
                 self._close_read()
                 self._read_fd = (seg.id, os.open(seg.path, os.O_RDONLY))
@@ -577,6 +598,23 @@ class Spool:
             self._count_damaged(r)
             if r.record is not None:
                 self.pending_batches -= 1
+        return None
+
+    def _from_tail(self, segment: int, offset: int) -> SpoolRecord | None:
+        """The record at (segment, offset) when it is one of the latest appends still in memory.
+
+        A sender that keeps up reads each batch right after it was appended: handing over the
+        bytes it was given saves reading them back and checking their CRC (about half of the
+        spool's CPU per byte). Older records, and those of a backlog beyond TAIL_MAX_BYTES, are
+        read from disk. Entries behind the read position (evicted, read from disk) go here."""
+        while self._tail:
+            rec = self._tail[0]
+            if (rec.segment, rec.offset) > (segment, offset):
+                return None
+            self._tail.popleft()
+            self._tail_bytes -= len(rec.payload)
+            if (rec.segment, rec.offset) == (segment, offset):
+                return rec
         return None
 
     def ack(self, rec: SpoolRecord) -> None:

@@ -56,6 +56,26 @@ def test_records_come_back_in_order_and_acknowledged_segments_go(tmp_path: Path)
     assert not list(tmp_path.glob("*.seg")) or all(p.stat().st_size == 0 for p in tmp_path.glob("*.seg"))
 
 
+def test_a_backlog_beyond_the_memory_tail_comes_back_whole_and_in_order(tmp_path: Path) -> None:
+    """Records just appended are handed over from memory, older ones read from disk: a reader
+    that falls behind by more than the in-memory tail gets every batch, once, in order."""
+    spool = opened(tmp_path, max_bytes=64 << 20, segment_bytes=3 << 20)
+    for seq in range(1, 4):
+        put(spool, seq, size=1 << 20)
+        assert spool.next().sequence == seq  # type: ignore[union-attr]
+    for seq in range(4, 16):  # 12 MiB behind the reader: more than the tail keeps
+        put(spool, seq, size=1 << 20)
+    recs = drain(spool, ack=False)
+    put(spool, 16, size=1 << 20)
+    recs += drain(spool, ack=False)
+    assert [r.sequence for r in recs] == list(range(4, 17))
+    assert all(r.payload == bytes([r.sequence]) * (1 << 20) and r.headers == (("fs-batch-id", b"x"),) for r in recs)
+    spool.close()
+    again = opened(tmp_path, max_bytes=64 << 20)  # nothing was acknowledged: all of it is still there
+    assert [r.sequence for r in drain(again)] == list(range(1, 17))
+    again.close()
+
+
 def test_what_was_not_acknowledged_survives_a_restart(tmp_path: Path) -> None:
     spool = opened(tmp_path)
     for seq in range(1, 21):
