@@ -6,10 +6,11 @@ them into protobuf columns in a few vectorised numpy operations and encodes one 
 
 from __future__ import annotations
 
+import functools
 import platform
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from fleetscope import __version__
 from fleetscope.codec import SCHEMA_MINOR, SCHEMAS, encode_batch
 from fleetscope.v1 import batch_pb2
 from node_agent.cgroups import IDENTITY_COLUMNS, CgroupResolver, empty_columns
-from node_agent.columns import ColumnBuilder, boot_to_wall_offset_ns
+from node_agent.columns import ColumnBuilder, boot_to_wall_offset_ns, padded_fit, padded_width
+
+# RingBuffer.drain_with: (take, max_records) -> records consumed through take
+Drain = Callable[[Callable[[np.ndarray], None], int], int]
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,71 @@ def _copy(dst: np.ndarray, src: np.ndarray) -> None:
     dst.view(whole)[:] = src.view(whole)
 
 
+_GRAIN = 64  # narrowed fields widen in steps of this: few re-layouts, fields after them stay aligned
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A record dtype whose char[N] fields `fields` are cut to `widths` bytes: the dtype of a
+    batch buffer, and per byte range of the record it keeps, (source, destination) dtypes
+    that view that range as one void field "b" (a strided memcpy per range)."""
+
+    dtype: np.dtype
+    fields: tuple[str, ...]
+    widths: tuple[int, ...]
+    ranges: tuple[tuple[np.dtype, np.dtype], ...]
+
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Records of the full dtype (src, may be a strided view of the ring) into dst."""
+        for s, d in self.ranges:
+            dst.view(d)["b"][...] = src.view(s)["b"]
+
+
+def _layout(full: np.dtype, fields: Sequence[str], widths: Sequence[int]) -> _Layout:
+    """full with each of fields cut to its width (the bytes after it dropped)."""
+    assert full.fields is not None and full.names is not None
+    cut = sorted(
+        (full.fields[f][1] + w, full.fields[f][1] + full.fields[f][0].itemsize)
+        for f, w in zip(fields, widths, strict=True)
+    )
+    kept, pos = [], 0
+    for a, b in cut:
+        kept.append((pos, a))
+        pos = b
+    kept.append((pos, full.itemsize))
+    kept = [(a, b) for a, b in kept if b > a]
+
+    def moved(offset: int) -> int:
+        return offset - sum(b - a for a, b in cut if b <= offset)
+
+    width = dict(zip(fields, widths, strict=True))
+    size = full.itemsize - sum(b - a for a, b in cut)
+
+    def one(offset: int, length: int, itemsize: int) -> np.dtype:
+        return np.dtype({"names": ["b"], "formats": [f"V{length}"], "offsets": [offset], "itemsize": itemsize})
+
+    dtype = np.dtype(
+        {
+            "names": list(full.names),
+            "formats": [f"S{width[n]}" if n in width else full.fields[n][0] for n in full.names],
+            "offsets": [moved(full.fields[n][1]) for n in full.names],
+            "itemsize": size,
+        }
+    )
+    ranges = tuple((one(a, b - a, full.itemsize), one(moved(a), b - a, size)) for a, b in kept)
+    return _Layout(dtype, tuple(fields), tuple(widths), ranges)
+
+
 @dataclass
 class _Pending:
     """A batch being filled: records land in buf, allocated for the batch's row bound when
-    it starts, so they are copied once (from the ring) and never concatenated."""
+    it starts, so they are copied once (from the ring) and never concatenated. layout: the
+    narrowed record dtype of buf (Batcher.add_narrowed), None for whole records."""
 
     buf: np.ndarray
     rows: int = 0
     first_ns: int = 0
+    layout: _Layout | None = None
 
     @property
     def full(self) -> bool:
@@ -142,15 +203,66 @@ class Batcher:
                 return total, [b for f in full for b in self._encode(stream, f.buf[: f.rows])]
             full.append(self._pending.pop(stream))
 
+    def add_narrowed(
+        self, stream: str, dtype: np.dtype, narrow: Sequence[tuple[str, str]], drain: Drain
+    ) -> tuple[int, list[Batch]]:
+        """add_from for records whose char[N] fields in narrow (Stream.narrow) are batched only
+        up to the widest value of the batch: drain(take, max_records) (RingBuffer.drain_with)
+        hands take a view of the records, and only the bytes used are copied out of it (an
+        exec record is 1336 bytes, mostly the unused tail of its argv)."""
+        total, full = 0, list[_Pending]()
+        take = functools.partial(self._take_narrowed, stream, dtype, narrow)
+        while True:
+            p = self._pending.get(stream)
+            n = drain(take, len(p.buf) - p.rows if p is not None else self._cap_rows(stream, dtype))
+            total += n
+            p = self._pending.get(stream)
+            if p is None or not p.full:
+                return total, [b for f in full for b in self._encode(stream, f.buf[: f.rows])]
+            full.append(self._pending.pop(stream))
+
+    def _take_narrowed(self, stream: str, dtype: np.dtype, narrow: Sequence[tuple[str, str]], rec: np.ndarray) -> None:
+        """Copy rec (full records, as many as the pending batch has room for) into it, its
+        buffer re-laid out wider first if a value of rec does not fit."""
+        p = self._pending.get(stream)
+        have = p.layout.widths if p is not None and p.layout is not None else (0,) * len(narrow)
+        need = []
+        for (field, length), w in zip(narrow, have, strict=True):
+            n = rec.dtype[field].itemsize
+            if length:
+                used = min(int(rec[length].max()), n)
+            elif w and (w == n or (w % 8 == 0 and padded_fit(rec[field], w))):
+                used = w  # the batch's width holds them: no scan for the longest
+            else:
+                used = padded_width(rec[field])
+            need.append(n - (n - max(used, 1)) // _GRAIN * _GRAIN)  # n - need: whole grains
+        if p is None:
+            layout = _layout(dtype, [f for f, _ in narrow], need)
+            p = self._pending[stream] = _Pending(np.empty(self._cap_rows(stream, dtype), layout.dtype), layout=layout)
+        else:
+            assert p.layout is not None, f"{stream}: whole records and narrowed ones in one batch"
+            layout = p.layout
+            if any(w > h for w, h in zip(need, layout.widths, strict=True)):
+                layout = _layout(dtype, layout.fields, [max(w, h) for w, h in zip(need, layout.widths, strict=True)])
+                buf = np.zeros(len(p.buf), layout.dtype)  # bytes a row did not use are NUL (or past its length)
+                for name in dtype.names or ():
+                    buf[name][: p.rows] = p.buf[name][: p.rows]
+                p.buf, p.layout = buf, layout
+        layout.copy(p.buf[p.rows : p.rows + len(rec)], rec)
+        self._added(stream, p, len(rec))
+
+    def _cap_rows(self, stream: str, dtype: np.dtype) -> int:
+        """The rows a new batch of the stream may hold."""
+        # before the first batch, assume the worst: every byte of the record is encoded
+        worst = dtype.itemsize + 4 * len(dtype.names or ())
+        row_bytes = self._row_bytes.get(stream, worst)
+        return max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
+
     def _pending_for(self, stream: str, dtype: np.dtype) -> _Pending:
         """The stream's batch being filled, or a new one sized to the rows a batch may hold."""
         p = self._pending.get(stream)
         if p is None:
-            # before the first batch, assume the worst: every byte of the record is encoded
-            worst = dtype.itemsize + 4 * len(dtype.names or ())
-            row_bytes = self._row_bytes.get(stream, worst)
-            cap_rows = max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
-            p = self._pending[stream] = _Pending(np.empty(cap_rows, dtype))
+            p = self._pending[stream] = _Pending(np.empty(self._cap_rows(stream, dtype), dtype))
         return p
 
     def _added(self, stream: str, p: _Pending, n: int) -> None:

@@ -7,6 +7,7 @@ one numpy structured array: no libbpf callback and no Python object per record.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -91,6 +92,18 @@ class RingBuffer:
         self._cons_pos[0] = end
         return n
 
+    def drain_with(self, take: Callable[[np.ndarray], None], max_records: int) -> int:
+        """Consume committed records (at most max_records) through take, which gets them as a
+        view of the ring (record dtype, valid only during the call) and copies what it keeps;
+        returns how many: the caller picks the bytes it copies (Batcher.add_narrowed)."""
+        payload, end = self._committed(max_records)
+        n = len(payload)
+        if n:
+            take(payload.view(self.dtype))
+        del payload
+        self._cons_pos[0] = end
+        return n
+
     def _committed(self, max_records: int | None) -> tuple[np.ndarray, int]:
         """The committed records' payloads (a view of the ring, discarded ones left out) and
         the consumer position after them; the caller copies them, then stores it."""
@@ -115,6 +128,8 @@ class RingBuffer:
             n = min(n, max_records)
         records = np.frombuffer(self._data_map, self._record, count=n, offset=self._data_off + (cons & self._mask))
         lens = records["len"].copy()  # headers first, payloads after
+        if (lens == self.dtype.itemsize).all():  # the usual case: all committed, none discarded
+            return records["payload"], cons + n * self.stride
         busy = (lens & _BUSY) != 0
         if busy.any():
             # a record still being written ends the committed region

@@ -122,7 +122,7 @@ def _classic(syscall: str) -> tuple[Hook, Hook]:
 PROBE = Probe(
     name="file_open",
     object_file="file_open.bpf.o",
-    streams=(Stream("file_open", "file_open_events", "file_open_event", 0, columns),),
+    streams=(Stream("file_open", "file_open_events", "file_open_event", 0, columns, narrow=(("path", ""),)),),
     hooks=(
         # classic syscall tracepoints (tracefs) fire for these syscalls only; without
         # tracefs, raw_tp/sys_exit sees every syscall's exit and filters on the number

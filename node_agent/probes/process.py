@@ -76,7 +76,15 @@ PROBE = Probe(
     name="process",
     object_file="process.bpf.o",
     streams=(
-        Stream("process_exec", "process_exec_events", "process_exec_event", 0, exec_columns, redact=("args",)),
+        Stream(
+            "process_exec",
+            "process_exec_events",
+            "process_exec_event",
+            0,
+            exec_columns,
+            redact=("args",),
+            narrow=(("filename", ""), ("args", "args_len")),
+        ),
         Stream("process_exit", "process_exit_events", "process_exit_event", 1, exit_columns),
     ),
     hooks=(

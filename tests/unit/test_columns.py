@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from node_agent.columns import argv_strings, c_strings
@@ -90,3 +92,63 @@ def test_records_read_straight_into_the_batch_cut_it_at_the_row_bound() -> None:
     decoded = [decode_batch(SCHEMAS[STATS_STREAM], b.payload) for b in batches]
     assert np.concatenate([d.columns["value"] for d in decoded]).tolist() == list(range(2500))
     assert {v for d in decoded for v in d.columns["counter"].values} == {b"emitted"}
+
+
+def test_narrowed_exec_records_batch_the_same_rows_as_whole_ones() -> None:
+    """process_exec records copied only up to their batch's longest filename and argv
+    (Stream.narrow) encode the same batches as whole records, also when a longer value
+    arrives mid-batch and the batch is re-laid out wider; bytes past args_len stay out."""
+    from fleetscope.codec import SCHEMAS, StringColumn, decode_batch
+    from node_agent.batcher import Batcher, node_identity
+    from node_agent.probes.process import PROBE, exec_columns
+
+    dtype = np.dtype({
+        "names": ["time_ns", "cgroup_id", "pid", "ppid", "uid", "args_len", "argc", "flags", "comm", "filename",
+                  "args"],
+        "formats": ["<u8", "<u8", "<u4", "<u4", "<u4", "<u4", "<u4", "<u4", "S16", "S256", "S1024"],
+        "offsets": [0, 8, 16, 20, 24, 28, 32, 36, 40, 56, 312], "itemsize": 1336,
+    })  # fmt: skip
+    argv = [b"sh\0-c\0exit 3\0", b"a\0\0\0\0\0\0\0\0\0\0b\0", b"x" * 100 + b"\0", b"y" * 1024, b""]
+    names = [b"/bin/sh", b"/usr/bin/" + b"p" * 200, b"/x"]
+    source = np.zeros(900, dtype)
+    for i in range(len(source)):
+        # long values only from row 400 on: the batch starts narrow and widens
+        a = argv[i % 2] if i < 400 else argv[i % len(argv)]
+        source[i]["args"] = a + b"tail" if len(a) < 1020 else a  # past args_len: not argv
+        source[i]["args_len"] = len(a)
+        source[i]["filename"] = names[0] if i < 400 else names[i % len(names)]
+        source[i]["comm"], source[i]["pid"] = b"sh", i
+    ring = np.zeros(len(source), [("hdr", "<u8"), ("rec", dtype)])  # a strided view, as in the ring
+    ring["rec"] = source
+    pos = 0
+
+    def drain(take: Callable[[np.ndarray], None], most: int) -> int:
+        nonlocal pos
+        n = min(most, len(source) - pos, 150)
+        take(ring["rec"][pos : pos + n])
+        pos += n
+        return n
+
+    narrow = PROBE.streams[0].narrow
+    builders = {"process_exec": lambda rec, _: exec_columns(rec, 0)}  # the same times in both
+    batches = []
+    batcher = Batcher(node_identity("n"), builders, 700, 1 << 30, 60.0)
+    while pos < len(source):
+        batches += batcher.add_narrowed("process_exec", dtype, narrow, drain)[1]
+    batches += batcher.flush()
+    whole = Batcher(node_identity("n"), builders, 700, 1 << 30, 60.0)
+    expected = whole.add("process_exec", source) + whole.flush()
+    assert [b.rows for b in batches] == [b.rows for b in expected] == [700, 200]
+    schema = SCHEMAS["process_exec"]
+    for got, want in zip(batches, expected, strict=True):
+        g, w = decode_batch(schema, got.payload), decode_batch(schema, want.payload)
+        for name, column in w.columns.items():
+            mine = g.columns[name]
+            if isinstance(column, StringColumn):
+                assert isinstance(mine, StringColumn) and mine.decoded().tolist() == column.decoded().tolist(), name
+            else:
+                assert not isinstance(mine, StringColumn) and np.array_equal(mine, column), name
+    column = decode_batch(schema, batches[1].payload).columns["args"]
+    assert isinstance(column, StringColumn)
+    args = column.decoded().tolist()
+    assert "a          b" in args and "y" * 1024 in args and not any("tail" in a for a in args)
