@@ -251,6 +251,9 @@ def test_kills_are_events_of_the_process_span_or_spans_of_their_own(bpf_objects,
             short_kill = subprocess.Popen(["sleep", "30"])
             short_kill.kill()
             short_segv = subprocess.Popen([sys.executable, "-c", no_cores + SEGFAULT])
+            # one OOM at a time in the cgroup: else the short hog's allocation can be what
+            # kills the long one (the sender of an OOM kill is the task that triggered it)
+            assert long_oom.wait(60) == -9
             short_oom = hog(0)
             for p, code in ((long_kill, -9), (long_segv, -11), (long_oom, -9), (short_kill, -9), (short_segv, -11),
                             (short_oom, -9)):  # fmt: skip
