@@ -633,22 +633,34 @@ def _exit_signal_spans(batch: DecodedBatch, rows: np.ndarray) -> SpanSet:
     """The "signal <SIG>" spans of process_exit rows under the threshold (as
     fatal_signal_spans would make them from the fatal_signals rows, which left them to these)."""
     h = batch.header
-    trace, span = span_ids(h.node.host_name, f"{h.stream}.signal", h.batch_id, rows)
+    return _signal_spans(batch, rows, span_ids(h.node.host_name, f"{h.stream}.signal", h.batch_id, rows), "signal_")
+
+
+def _signal_spans(batch: DecodedBatch, rows: np.ndarray, ids: tuple[np.ndarray, np.ndarray], prefix: str) -> SpanSet:
+    """A "signal <SIG>" span per row, from the signal's generation (when its sender was seen)
+    to the process's end: from fatal_signals columns, or process_exit's signal_* ones (prefix),
+    which lack the uid and core dump."""
+    trace, span = ids
     end = _u(batch, "time", rows).astype(np.int64)
-    known = _u(batch, "signal_sender_known", rows).astype(bool)
-    start = end - np.where(known, _u(batch, "signal_delay_ns", rows).astype(np.int64), 0)
+    known = _u(batch, f"{prefix}sender_known", rows).astype(bool)
+    start = end - np.where(known, _u(batch, f"{prefix}delay_ns", rows).astype(np.int64), 0)
     comm = _s(batch, "comm", rows)
     sig = _u(batch, "signal", rows).astype(np.int64)
+    sender = _sender_attrs(batch, rows, known, prefix)
+    own = not prefix  # the fatal_signals row's own columns
     attrs = [
         Attr("process.pid", _u(batch, "pid", rows).astype(np.int64)),
         Attr("process.parent_pid", _u(batch, "ppid", rows).astype(np.int64)),
+        *([Attr("process.user.id", _u(batch, "uid", rows).astype(np.int64))] if own else []),
         Attr("process.executable.name", comm, nonempty(comm)),
         Attr("fleetscope.process.signal", _signal_text(sig, "{}")),
-        *_sender_attrs(batch, rows, known, "signal_"),
+        *sender[:1],
+        *([Attr("fleetscope.signal.core_dumped", _u(batch, "core_dumped", rows).astype(bool))] if own else []),
+        *sender[1:],
         Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
     ]
     return SpanSet(
-        "process_exit", rows, trace, span, start, end, _signal_text(sig, "signal {}"),
+        batch.header.stream, rows, trace, span, start, end, _signal_text(sig, "signal {}"),
         np.full(len(rows), INTERNAL), np.full(len(rows), ERROR), _signal_text(sig, "killed by {}"),
         resource(batch, rows, comm), attrs,
     )  # fmt: skip
@@ -665,28 +677,7 @@ def fatal_signal_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
     generation (when seen) to the process's end, with the sender; none for a row that its
     process_exit row carries (process_spans makes the event or the span from that)."""
     rows = _standalone(batch)
-    trace, span = _base(batch, rows)
-    end = _u(batch, "time", rows).astype(np.int64)
-    known = _u(batch, "sender_known", rows).astype(bool)
-    start = end - np.where(known, _u(batch, "delay_ns", rows).astype(np.int64), 0)
-    comm = _s(batch, "comm", rows)
-    sig = _u(batch, "signal", rows).astype(np.int64)
-    attrs = [
-        Attr("process.pid", _u(batch, "pid", rows).astype(np.int64)),
-        Attr("process.parent_pid", _u(batch, "ppid", rows).astype(np.int64)),
-        Attr("process.user.id", _u(batch, "uid", rows).astype(np.int64)),
-        Attr("process.executable.name", comm, nonempty(comm)),
-        Attr("fleetscope.process.signal", _signal_text(sig, "{}")),
-        *_sender_attrs(batch, rows, known)[:1],
-        Attr("fleetscope.signal.core_dumped", _u(batch, "core_dumped", rows).astype(bool)),
-        *_sender_attrs(batch, rows, known)[1:],
-        Attr("fleetscope.cgroup_id", _u(batch, "cgroup_id", rows).astype(np.int64)),
-    ]
-    return SpanSet(
-        "fatal_signals", rows, trace, span, start, end, _signal_text(sig, "signal {}"),
-        np.full(len(rows), INTERNAL), np.full(len(rows), ERROR), _signal_text(sig, "killed by {}"),
-        resource(batch, rows, comm), attrs,
-    )  # fmt: skip
+    return _signal_spans(batch, rows, _base(batch, rows), "")
 
 
 def oom_kill_spans(batch: DecodedBatch, opts: SpanOptions) -> SpanSet:
