@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -64,7 +65,7 @@ async def replay(bootstrap: str, tmp: Path, n: int, size: int, in_flight: int) -
     prefix = f"spoolbench{time.time_ns()}"
     offline = KafkaSink(("127.0.0.1:1",), prefix, spool_dir, 8 << 30)
     await offline.start()
-    payload = bytes(range(256)) * (size // 256)
+    payload = os.urandom(size)  # incompressible: the sink's LZ4 frames are `size` bytes too
     for seq in range(1, n + 1):
         stream = ("process_exec", "process_exit", "tcp_connections")[seq % 3]
         offline.submit(Batch(stream, f"b-{stream}-{seq}", seq, 100, payload, b"node", 0))

@@ -608,12 +608,17 @@ class IngestSettings(Common, Kafka, Store, ClickHouseAuth, Kubernetes, Spans, Tr
     max_in_flight_bytes: int = opt(
         64 << 20, _size, "Kafka messages fetched but not yet stored: fetching pauses at this bound, resumes below half"
     )
-    max_batch_bytes: int = opt(64 << 20, _size, "a larger message goes to the dead-letter topic (oversized)")
+    max_batch_bytes: int = opt(
+        64 << 20,
+        _size,
+        "a larger message, or one whose LZ4 frame decompresses to more, goes to the dead-letter topic (oversized)",
+    )
     insert_max_bytes: int = opt(
         16 << 20,
         _size,
-        "fetched batches of one stream stored by one insert, up to this many message bytes (one part for ClickHouse "
-        "to write and merge instead of one per batch; each batch still stored exactly once)",
+        "fetched batches of one stream stored by one insert, up to this many message bytes, and as many bytes of "
+        "batches once decompressed (one part for ClickHouse to write and merge instead of one per batch; each batch "
+        "still stored exactly once)",
     )
     max_poll_interval: float = opt(
         300.0,

@@ -29,7 +29,7 @@ from typing import ClassVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from fleetscope import native
+from fleetscope import native, payload
 from fleetscope.codec import SCHEMA_MAJOR, SCHEMAS, BatchDecodeError, DecodedBatch
 from fleetscope.config import IngestSettings
 from fleetscope.kafka_security import KafkaAuth
@@ -105,6 +105,7 @@ class _Fetched:
     batch: DecodedBatch
     k8s: Mapping[str, native.Values] | None  # Kubernetes identity columns (ingester/enrich)
     trace: BatchTrace
+    size: int  # bytes of the encoded batch (decompressed: up to max_batch_bytes from a small message)
 
 
 class Ingester:
@@ -463,14 +464,26 @@ class Ingester:
         self._traces.clear()
 
     async def _load_records(self, records: list[ConsumerRecord], generation: int) -> bool:
-        """Store these messages, one insert per stream, retrying ClickHouse until it
-        acknowledges, or dead-letter them; False if abandoned (stopped, or a partition was
-        revoked meanwhile)."""
+        """Store these messages, one insert per stream (per insert_max_bytes of decoded
+        batches), retrying ClickHouse until it acknowledges, or dead-letter them; False if
+        abandoned (stopped, or a partition was revoked meanwhile)."""
         groups: dict[str, list[_Fetched]] = {}
-        for rec in records:
+        decoded = 0
+        for i, rec in enumerate(records):
             fetched = await self._decode(rec)
-            if fetched is not None:
-                groups.setdefault(fetched.stream, []).append(fetched)
+            if fetched is None:
+                continue
+            groups.setdefault(fetched.stream, []).append(fetched)
+            decoded += fetched.size
+            # the messages were taken up to insert_max_bytes on the wire; LZ4-compressed ones
+            # decode to several times that, so the decoded batches held at once are bounded too
+            if decoded >= self.settings.insert_max_bytes and i + 1 < len(records):
+                if not await self._store_groups(groups, generation):
+                    return False
+                groups, decoded = {}, 0
+        return await self._store_groups(groups, generation)
+
+    async def _store_groups(self, groups: dict[str, list[_Fetched]], generation: int) -> bool:
         for stream, group in groups.items():
             if not await self._store(stream, group, generation):
                 return False
@@ -492,9 +505,18 @@ class Ingester:
                 "messaging.kafka.offset": rec.offset,
             })  # fmt: skip
         try:
-            with trace.stage("decode", **{"messaging.message.body.size": len(rec.value or b"")}):
-                batch = self._loader.decode(stream, rec.value or b"")
-        except BatchDecodeError as e:
+            # body size: the bytes on the wire; an fs-encoding: lz4 value is decompressed here, on
+            # the event loop like the decode (about 1 ms per MiB), to at most max_batch_bytes
+            with trace.stage("decode", **{"messaging.message.body.size": len(rec.value or b"")}) as span:
+                data = payload.unpack_message(rec.value, rec.headers, self.settings.max_batch_bytes)
+                if span is not None:
+                    span.set_attribute("fleetscope.batch.decoded_bytes", len(data))
+                batch = self._loader.decode(stream, data)
+        except payload.PayloadTooLarge as e:
+            await self.dead_letters.send(rec, dlq.OVERSIZED, str(e), self._stop.is_set)
+            trace.end(f"dead-lettered: {e}")
+            return None
+        except BatchDecodeError as e:  # a malformed batch, or a value that does not unpack (payload.PayloadError)
             await self.dead_letters.send(rec, dlq.MALFORMED, str(e), self._stop.is_set)
             trace.end(f"dead-lettered: {e}")
             return None
@@ -514,7 +536,7 @@ class Ingester:
             enrichment = await self.enricher.enrich(batch)
         if enrichment is not None and enrichment.unenriched:
             self.stats.add(node, stream, "rows_unenriched", enrichment.unenriched)
-        return _Fetched(rec, stream, batch, enrichment.columns if enrichment is not None else None, trace)
+        return _Fetched(rec, stream, batch, enrichment.columns if enrichment is not None else None, trace, len(data))
 
     async def _store(self, stream: str, group: list[_Fetched], generation: int) -> bool:
         """Insert a stream's fetched batches together, then write their spans; False if abandoned."""

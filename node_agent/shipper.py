@@ -1,9 +1,11 @@
 """Hand-over of encoded batches: to Kafka (fleet mode) or in memory (single-node mode).
 
 LocalSink takes batches through a bounded queue; when it is full the oldest batch is
-dropped and counted ("agent_dropped"). KafkaSink appends every batch to a disk spool
-(node_agent/spool.py) and sends from it, so a broker outage fills the disk, bounded and
-counted, not memory, and an agent restart loses nothing that was spooled.
+dropped and counted ("agent_dropped"). KafkaSink compresses every batch once (an LZ4
+frame, header ``fs-encoding: lz4``, fleetscope/payload.py), appends it to a disk spool
+(node_agent/spool.py) and sends it from there as it is, with Kafka's compression off, so a
+broker outage fills the disk, bounded and counted, not memory, and an agent restart loses
+nothing that was spooled. LocalSink hands the uncompressed batch over in memory.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import functools
-import importlib
 import logging
 import os
 import time
@@ -30,6 +30,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from fleetscope import payload
 from fleetscope.codec import SCHEMA_MAJOR
 from fleetscope.kafka_security import KafkaAuth
 from fleetscope.otel import PipelineTracer
@@ -158,34 +159,7 @@ class LocalSink(QueueSink):
         await self._deliver(batch)
 
 
-FAST_LZ4_LEVEL = 0  # LZ4 frame compressionLevel < 3: LZ4's fast mode; 3 and above: LZ4-HC
-
-
-def fast_lz4() -> None:
-    """Make aiokafka compress lz4 in LZ4's fast mode (idempotent).
-
-    aiokafka 0.11+ compresses through cramjam at level 9, which is LZ4-HC: on fleetscope
-    batches 4-15x the CPU of the fast mode for 2-13% smaller messages, the agent's largest
-    single cost at high event rates (bench/agent_profile.py; upstream aio-libs/aiokafka#1028).
-    The output is the same LZ4 frame format (independent blocks, no content checksum), so
-    brokers and consumers read it unchanged. aiokafka offers no setting for the level, so
-    the record builder's reference to its codec function is replaced.
-    """
-    from aiokafka import codec
-
-    if codec.lz4_encode is None:  # no lz4 codec installed: nothing to speed up
-        return
-    lz4_encode: Callable[..., bytes] = codec.lz4_encode
-    fast: Callable[..., bytes] = functools.partial(lz4_encode, level=FAST_LZ4_LEVEL)
-    for name in ("aiokafka.record._crecords.default_records", "aiokafka.record.default_records"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # the C extension is optional (AIOKAFKA_NO_EXTENSIONS)
-            continue
-        if getattr(module, "lz4_encode", None) is lz4_encode:
-            setattr(module, "lz4_encode", fast)  # noqa: B010 - a module attribute the stubs do not know
-
-
+ENCODING_LZ4 = payload.LZ4.encode()  # the fs-encoding header of every batch KafkaSink sends
 MAX_IN_FLIGHT = 8  # batches handed to the producer at once; see KafkaSink
 RECONNECT_CAP = 5.0  # seconds: the longest wait between two connection attempts
 SYNC_INTERVAL = 1.0  # seconds between spool checkpoints (cursor, fdatasync of unacknowledged data)
@@ -204,8 +178,14 @@ class _InFlight:
 
 
 class KafkaSink:
-    """Fleet mode: every batch is appended to the disk spool, then sent from it to Kafka;
-    idempotent producer, acks=all, lz4, one message per batch.
+    """Fleet mode: every batch is compressed (LZ4 frame, ``fs-encoding: lz4``), appended to
+    the disk spool, then sent from it to Kafka; idempotent producer, acks=all, one message per
+    batch, Kafka's own compression off.
+
+    Compressing once in ``submit`` makes everything after it (spool CRC and writes, the
+    producer's copies and CRC-32C) work on about an eighth of the bytes (tcp_connections), and Kafka would only
+    spend CPU compressing LZ4 frames again. Records spooled by an older agent (raw payload, no
+    fs-encoding header) are sent as they are; the ingester reads both.
 
     Backpressure runs ring buffer -> batcher -> spool -> producer: ``submit`` only appends
     to the spool (a write into the page cache), a sender task reads the spool in order and
@@ -228,7 +208,6 @@ class KafkaSink:
     def __init__(self, brokers: tuple[str, ...], topic_prefix: str, spool_dir: Path, spool_max_bytes: int,
                  max_in_flight: int = MAX_IN_FLIGHT, max_message_bytes: int = 16 << 20,
                  tracer: PipelineTracer | None = None, auth: KafkaAuth | None = None) -> None:  # fmt: skip
-        fast_lz4()
         self.tracer = tracer  # self-tracing: a span per send, its context in the headers
         self.counters: Counter[str] = Counter()
         self.brokers, self.topic_prefix = brokers, topic_prefix
@@ -255,7 +234,7 @@ class KafkaSink:
                     bootstrap_servers=list(self.brokers),
                     enable_idempotence=True,
                     acks="all",
-                    compression_type="lz4",
+                    compression_type=None,  # the values are LZ4 frames already (submit)
                     linger_ms=5,
                     max_request_size=self._max_message_bytes,
                     request_timeout_ms=30000,
@@ -298,10 +277,11 @@ class KafkaSink:
     # -- the agent's side --------------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
-        """Append the batch to the spool; the sender takes it from there."""
+        """Compress the batch and append it to the spool; the sender takes it from there."""
+        headers = [*batch.headers(), (payload.ENCODING_HEADER, ENCODING_LZ4)]
         try:
             self.spool.append(batch.stream, batch.batch_id, batch.sequence, batch.rows, batch.created_ns, batch.key,
-                              batch.headers(), SCHEMA_MAJOR, batch.payload)  # fmt: skip
+                              headers, SCHEMA_MAJOR, payload.compress(batch.payload))  # fmt: skip
         except SpoolWriteError as e:
             for reason in ("dropped", "spool_error"):
                 self.counters[f"{batch.stream}.rows_{reason}"] += batch.rows

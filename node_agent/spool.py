@@ -8,7 +8,9 @@ Layout of ``spool_dir``::
     quarantine/            damaged segments found at start, kept for inspection (at most 4)
 
 A record is a 20-byte head, a JSON meta part (stream, batch id, sequence, rows, created,
-Kafka key and headers, schema major) and the encoded batch::
+Kafka key and headers, schema major) and the payload, the Kafka message value as it is sent:
+the batch compressed once by KafkaSink (an LZ4 frame, header ``fs-encoding: lz4``; records of
+agents before that hold the encoded batch itself, without the header)::
 
     magic "FSR1" | u32 meta_len | u32 payload_len | u32 payload_crc | u32 head_crc
     meta (meta_len bytes) | payload (payload_len bytes)

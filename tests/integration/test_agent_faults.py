@@ -279,7 +279,7 @@ def storm_cgroup() -> Iterator[Path]:
 
 
 STORM = 1500
-SPOOL_MAX = 128 << 10
+SPOOL_MAX = 64 << 10  # the agent spools LZ4 frames: the storm takes about 90 KiB
 BATCH_MAX = 16 << 10
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from fleetscope import metrics
+from fleetscope import metrics, payload
 from fleetscope.codec import SCHEMAS, encode_batch
 from fleetscope.v1 import batch_pb2, process_pb2
 from tests.integration.test_agent_faults import (
@@ -161,6 +161,9 @@ def hostile_messages(rng: random.Random, node: str) -> list[tuple[str, bytes, li
     huge_rows = exit_batch(node, 999_998, rows=8).replace(b"\x38\x08", b"\x38" + _varint(2**31), 1)
     exec_header = exit_batch(node, 999_997, rows=8, stream="process_exec")
     v2 = [("fs-schema", b"fleetscope.v2.process_exit;minor=0")]
+    lz4 = [("fs-encoding", b"lz4")]
+    frame = payload.compress(template)
+    bomb = payload.compress(bytes(MAX_BATCH * 4))  # a few hundred bytes on the wire
     keys = [node.encode(), b"", b"\xff\xfe", *(f"hostile-{i}".encode() for i in range(2000))]
     out = []
     for i in range(BAD):
@@ -184,6 +187,14 @@ def hostile_messages(rng: random.Random, node: str) -> list[tuple[str, bytes, li
             out.append((key, b"", [("fs-schema", b"fleetscope.v1.process_exit;minor=1")], "malformed"))
         elif i % 1000 == 8:  # bigger than max_batch_bytes (a few: they are big)
             out.append((key, rng.randbytes(MAX_BATCH + 1), [], "oversized"))
+        elif i // 9 % 5 == 1:  # fs-encoding lz4: not an LZ4 frame
+            out.append((key, rng.randbytes(rng.randrange(0, 600)), lz4, "malformed"))
+        elif i // 9 % 5 == 2:  # fs-encoding lz4: a frame cut short
+            out.append((key, frame[: rng.randrange(0, len(frame))], lz4, "malformed"))
+        elif i // 9 % 5 == 3:  # fs-encoding lz4: decompresses beyond max_batch_bytes
+            out.append((key, bomb, lz4, "oversized"))
+        elif i // 9 % 5 == 4:  # an encoding this ingester does not read
+            out.append((key, frame, [("fs-encoding", b"zstd")], "malformed"))
         else:  # random header value in fs-schema
             out.append((key, template, [("fs-schema", rng.randbytes(20))], "malformed"))
     return out
@@ -226,15 +237,16 @@ async def test_hostile_messages_go_to_the_dlq_and_valid_rows_are_stored(kafka_br
     node = f"h{uuid.uuid4().hex[:6]}"
     rng = random.Random(6)
     bad = hostile_messages(rng, node)
-    # valid: of this minor; of a newer minor (fields this ingester does not know, of every wire
-    # type); of minor 0 (before the identity columns, which the batches leave out)
+    # valid: of this minor, compressed like an agent does; of a newer minor (fields this ingester
+    # does not know, of every wire type); of minor 0 (before the identity columns, which the
+    # batches leave out); the last two raw (no fs-encoding header), like older agents send them
     newer = [("fs-schema", b"fleetscope.v1.process_exit;minor=7")]
     unknown = (_varint(150 << 3) + _varint(2**40) + _varint(151 << 3 | 1) + b"\1" * 8
                + _varint(152 << 3 | 2) + _varint(5) + b"extra" + _varint(153 << 3 | 5) + b"\2" * 4)  # fmt: skip
     valid = [
         (node.encode(), exit_batch(node, seq, schema_minor=7) + unknown, newer, "") if seq % 3 == 0
         else (node.encode(), exit_batch(node, seq, schema_minor=0), [], "") if seq % 3 == 1
-        else (node.encode(), exit_batch(node, seq), [], "")
+        else (node.encode(), payload.compress(exit_batch(node, seq)), [("fs-encoding", b"lz4")], "")
         for seq in range(1, VALID + 1)
     ]  # fmt: skip
     stream = bad + valid
@@ -261,6 +273,7 @@ async def test_hostile_messages_go_to_the_dlq_and_valid_rows_are_stored(kafka_br
             assert len(expected_bad) == BAD
 
             peak, dead, kinds, cut = baseline, {}, Counter(), 0
+            encoded: Counter[str] = Counter()  # dead letters of fs-encoding messages, by kind
             dlq = AIOKafkaConsumer(dlq_topic, bootstrap_servers=kafka_broker.bootstrap, group_id=None,
                                    auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)  # fmt: skip
             await dlq.start()
@@ -281,13 +294,20 @@ async def test_hostile_messages_go_to_the_dlq_and_valid_rows_are_stored(kafka_br
                                 assert int(h["fs-dlq-truncated-from"]) == MAX_BATCH + 1 and len(m.value) == 16 << 10
                                 cut += 1
                             kinds[dead[source]] += 1
+                            if "fs-encoding" in h:  # the original headers, unchanged
+                                assert h["fs-dlq-reason"].startswith(b"fs-encoding "), h["fs-dlq-reason"]
+                                encoded[dead[source]] += 1
+                                if h["fs-encoding"] == b"zstd":
+                                    assert b"reads lz4" in h["fs-dlq-reason"], h["fs-dlq-reason"]
                 await asyncio.sleep(1)  # nothing more may arrive
                 assert not await dlq.getmany(timeout_ms=500)
             finally:
                 await dlq.stop()
             elapsed, cpu = time.monotonic() - started, cpu_seconds(ing.proc.pid) - cpu0
             assert dead == expected_bad  # every bad message, exactly once, for the right reason
-            assert cut == kinds["oversized"] > 0
+            assert cut == sum(len(value) > MAX_BATCH for _, value, _, _ in bad) > 0  # the LZ4 bombs are small
+            assert encoded == Counter(kind for _, _, headers, kind in bad if headers and headers[0][0] == "fs-encoding")
+            assert encoded["malformed"] > 0 and encoded["oversized"] > 0
             assert stored_rows(server.url, node) == VALID * VALID_ROWS
             c = client(server.url)
             assert c.command(f"SELECT count() FROM fleet.batches WHERE node = '{node}'") == VALID
@@ -313,6 +333,38 @@ async def test_hostile_messages_go_to_the_dlq_and_valid_rows_are_stored(kafka_br
 
 def stored_rows(url: str, node: str) -> int:
     return int(client(url).command(f"SELECT count() FROM fleet.process_exit WHERE node = '{node}'"))
+
+
+async def test_lz4_batches_are_inserted_within_insert_max_bytes_once_decompressed(kafka_broker, tmp_path: Path) -> None:
+    """40 LZ4 batches of 11 KB (1.2 KB on the wire): an insert_max_bytes of 16 KiB takes a
+    dozen messages at a time, but inserts at most two batches at once (decoded bytes)."""
+    prefix, group = f"fs{uuid.uuid4().hex[:8]}", f"lz4-{uuid.uuid4().hex[:8]}"
+    topic = f"{prefix}.process_exit.v1"
+    kafka_broker.create_topic(topic, partitions=1)
+    node, n = f"z{uuid.uuid4().hex[:6]}", 40
+    batches = [exit_batch(node, seq) for seq in range(1, n + 1)]
+    assert all(11_000 < len(b) < 16 << 10 for b in batches)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for b in batches:  # already there when the ingester starts: it fetches them in bulk
+            await producer.send_and_wait(topic, payload.compress(b), key=node.encode(),
+                                         headers=[("fs-encoding", b"lz4")])  # fmt: skip
+    finally:
+        await producer.stop()
+    with ServeSql(tmp_path / "store", tmp_path / "serve.log") as server:
+        ing = ingester(kafka_broker.bootstrap, server.url, prefix, group, tmp_path / "ingest.log",
+                       "--insert-max-bytes", "16KiB", "--health-listen", "127.0.0.1:0")  # fmt: skip
+        with ing:
+            port = health_port(ing)
+            ing.wait_for_log("consuming", 120)
+            await wait_async(lambda: asyncio.to_thread(stored_rows, server.url, node), n * VALID_ROWS, 120, "rows")
+            _, text = http_get(port, "/metrics")
+            ing.stop()
+        assert ing.returncode == 0, ing.log_text()[-3000:]
+    inserts = sample(text, "fleetscope_ingester_insert_seconds_count")
+    assert sample(text, "fleetscope_ingester_batches_inserted_total", stream="process_exit") == n
+    assert n / 2 <= inserts <= n, f"{inserts} inserts for {n} batches"
 
 
 # --- with a real agent on real kernel events ---------------------------------------------

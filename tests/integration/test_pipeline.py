@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ import time
 import uuid
 from pathlib import Path
 
+import lz4.frame
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from fleetscope.codec import SCHEMAS, decode_batch
+from fleetscope.codec import MAX_BATCH_BYTES, SCHEMAS, decode_batch
+from fleetscope.payload import unpack_message
 from tests.support.procs import FleetscopeProcess, spawn_markers
 
 pytestmark = [pytest.mark.root, pytest.mark.kafka, pytest.mark.integration]
@@ -85,13 +88,22 @@ async def marker_offsets(
     me = os.getpid()
     seen: dict[str, set[int]] = {"process_exec": set(), "process_exit": set()}
     last: dict[TopicPartition, int] = {}
+    seen_frame = False
     try:
         deadline = time.monotonic() + 60
         while min(len(v) for v in seen.values()) < len(expected) and time.monotonic() < deadline:
             for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
                 for m in msgs:
                     stream = m.topic.split(".")[-2]
-                    batch = decode_batch(SCHEMAS[stream], m.value)
+                    # the agent compresses each batch once: a standard LZ4 frame, said in a header
+                    assert dict(m.headers)["fs-encoding"] == b"lz4"
+                    if not seen_frame:  # the lz4 tool reads it like the library does
+                        seen_frame = True
+                        if shutil.which("lz4"):
+                            cli = await asyncio.to_thread(subprocess.run, ["lz4", "-dc"], input=m.value,
+                                                          capture_output=True, check=True)  # fmt: skip
+                            assert cli.stdout == lz4.frame.decompress(m.value)
+                    batch = decode_batch(SCHEMAS[stream], unpack_message(m.value, m.headers, MAX_BATCH_BYTES))
                     pids, ppids = batch.columns["pid"].tolist(), batch.columns["ppid"].tolist()
                     if stream == "process_exec":
                         hits = {p for p, a in zip(pids, batch.columns["args"].decoded(), strict=True) if marker in a}
