@@ -157,6 +157,8 @@ SCHEMAS: dict[str, StreamSchema] = _discover()
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -165,9 +167,18 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+@functools.cache
+def _tag(number: int) -> bytes:
+    """The key of a length-delimited field."""
+    return _varint((number << 3) | _WIRE_LEN)
+
+
 def _ld(number: int, payload: bytes) -> list[bytes]:
     """A length-delimited field: tag, length, payload (as pieces to join once)."""
-    return [_varint((number << 3) | _WIRE_LEN), _varint(len(payload)), payload]
+    return [_tag(number), _varint(len(payload)), payload]
 
 
 def encode_strings(fixed: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
@@ -184,9 +195,9 @@ def string_dictionary(fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of a fixed-width bytes array ('S<n>', NUL padded, may be a strided
     view) as 'S<n>' entries, and each row's entry (uint32 index).
 
-    The dictionary is found by hashing each row 8 bytes at a time and sorting the 64-bit
-    hashes (an integer sort; sorting the strings themselves costs ~10x more). Every row is
-    then checked byte for byte against its entry, so a hash collision cannot merge two
+    The dictionary is found by hashing each row 8 bytes at a time and finding the distinct
+    64-bit hashes (integer work; sorting the strings themselves costs ~10x more). Every row
+    is then checked byte for byte against its entry, so a hash collision cannot merge two
     values: it falls back to the string sort. Entries are in hash order, not sorted.
     """
     rows = len(fixed)
@@ -206,16 +217,13 @@ def string_dictionary(fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h ^= words[:, j]
         h *= _HASH_MUL
         h ^= h >> np.uint64(29)
-    # groups of equal hashes: any row of a group can stand for it, as all rows are checked
-    # below, so an unstable sort does (np.unique(return_index=True) sorts stably, ~5x slower)
-    order = np.argsort(h)
-    sorted_h = h[order]
-    starts = np.empty(rows, bool)
-    starts[0] = True
-    np.not_equal(sorted_h[1:], sorted_h[:-1], out=starts[1:])
-    index = np.empty(rows, np.uint32)
-    index[order] = np.cumsum(starts, dtype=np.uint32) - np.uint32(1)
-    first = order[starts]
+    # the distinct hashes (numpy >= 2.3 finds them with a hash table, then sorts only those), each
+    # row's by a binary search among them: O(rows * log(distinct)), where sorting the rows
+    # was O(rows * log(rows)). Any row of a group can stand for it, as all rows are checked below.
+    distinct = np.unique(h)
+    index = np.searchsorted(distinct, h).astype(np.uint32)
+    first = np.empty(len(distinct), np.intp)
+    first[index] = np.arange(rows)
     # one word: each hash step is a bijection (xor, odd multiply, xorshift), so equal
     # hashes are equal values and there is nothing to check
     if words.shape[1] == 1 or np.array_equal(words, np.take(words, first[index], axis=0)):

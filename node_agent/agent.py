@@ -24,7 +24,7 @@ from node_agent import capabilities
 from node_agent.batcher import Batcher, node_identity
 from node_agent.bcc_loader import BccProbe, load_selected, resolve_loader
 from node_agent.cgroups import CgroupResolver
-from node_agent.columns import ColumnBuilder
+from node_agent.columns import ColumnBuilder, Records
 from node_agent.errors import ProbeError
 from node_agent.histogram import HistogramReader, collect, take
 from node_agent.http import StatusServer
@@ -64,7 +64,7 @@ STATS_DTYPE = np.dtype(
 )  # fmt: skip
 
 
-def stats_columns(records: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def stats_columns(records: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """pipeline_stats rows are built in user space with wall-clock times already."""
     return {name: records[name] for name in ("time", "stage", "component", "stream", "counter", "value")}
 
@@ -195,7 +195,7 @@ class Agent:
         if not stream.redact or not self.redactor.patterns:
             return stream.columns
 
-        def build(records: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+        def build(records: Records, offset_ns: int) -> dict[str, np.ndarray]:
             columns: dict[str, Any] = stream.columns(records, offset_ns)
             for name in stream.redact:
                 # dictionary-encoded first, so redaction runs once per distinct value; the
@@ -285,11 +285,9 @@ class Agent:
         """Move every committed record from the ring buffers into the batcher."""
         for probe in self._probes:
             for stream, ring in probe.rings.items():
-                # straight from the ring into the batch being filled: one copy per record
-                if narrow := self._narrow.get(stream):  # only the bytes its char[N] fields use
-                    read, batches = self.batcher.add_narrowed(stream, ring.dtype, narrow, ring.drain_with)
-                else:
-                    read, batches = self.batcher.add_from(stream, ring.dtype, ring.drain_into)
+                # straight from the ring into the batch's columns, only the bytes its char[N]
+                # fields use: one copy per field
+                read, batches = self.batcher.add_from(stream, ring.dtype, ring.drain_with, self._narrow.get(stream, ()))
                 self.stats.records_read[stream] += read
                 for batch in batches:
                     self.sink.submit(batch)

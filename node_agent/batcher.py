@@ -63,82 +63,54 @@ def node_identity(node_name: str) -> batch_pb2.NodeIdentity:
     )
 
 
-def _copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """Records of one dtype copied as whole records: numpy copies a structured dtype field by
-    field, a same-sized void dtype with one memcpy per run (about 2x faster)."""
-    whole = np.dtype((np.void, src.dtype.itemsize))
-    dst.view(whole)[:] = src.view(whole)
+_GRAIN = 64  # narrowed fields widen in steps of this: few re-allocations
+_BLOCK_BYTES = 256 << 10  # records copied per round of field copies: they stay in the CPU cache
 
 
-_GRAIN = 64  # narrowed fields widen in steps of this: few re-layouts, fields after them stay aligned
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A record dtype whose char[N] fields `fields` are cut to `widths` bytes: the dtype of a
-    batch buffer, and per byte range of the record it keeps, (source, destination) dtypes
-    that view that range as one void field "b" (a strided memcpy per range)."""
-
-    dtype: np.dtype
-    fields: tuple[str, ...]
-    widths: tuple[int, ...]
-    ranges: tuple[tuple[np.dtype, np.dtype], ...]
-
-    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Records of the full dtype (src, may be a strided view of the ring) into dst."""
-        for s, d in self.ranges:
-            dst.view(d)["b"][...] = src.view(s)["b"]
-
-
-def _layout(full: np.dtype, fields: Sequence[str], widths: Sequence[int]) -> _Layout:
-    """full with each of fields cut to its width (the bytes after it dropped)."""
-    assert full.fields is not None and full.names is not None
-    cut = sorted(
-        (full.fields[f][1] + w, full.fields[f][1] + full.fields[f][0].itemsize)
-        for f, w in zip(fields, widths, strict=True)
-    )
-    kept, pos = [], 0
-    for a, b in cut:
-        kept.append((pos, a))
-        pos = b
-    kept.append((pos, full.itemsize))
-    kept = [(a, b) for a, b in kept if b > a]
-
-    def moved(offset: int) -> int:
-        return offset - sum(b - a for a, b in cut if b <= offset)
-
-    width = dict(zip(fields, widths, strict=True))
-    size = full.itemsize - sum(b - a for a, b in cut)
-
-    def one(offset: int, length: int, itemsize: int) -> np.dtype:
-        return np.dtype({"names": ["b"], "formats": [f"V{length}"], "offsets": [offset], "itemsize": itemsize})
-
-    dtype = np.dtype(
-        {
-            "names": list(full.names),
-            "formats": [f"S{width[n]}" if n in width else full.fields[n][0] for n in full.names],
-            "offsets": [moved(full.fields[n][1]) for n in full.names],
-            "itemsize": size,
-        }
-    )
-    ranges = tuple((one(a, b - a, full.itemsize), one(moved(a), b - a, size)) for a, b in kept)
-    return _Layout(dtype, tuple(fields), tuple(widths), ranges)
+def _whole(a: np.ndarray) -> np.ndarray:
+    """A (rows, n) array whose rows are contiguous as (rows,) opaque n-item values."""
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize)))[:, 0]
 
 
 @dataclass
 class _Pending:
-    """A batch being filled: records land in buf, allocated for the batch's row bound when
-    it starts, so they are copied once (from the ring) and never concatenated. layout: the
-    narrowed record dtype of buf (Batcher.add_narrowed), None for whole records."""
+    """A batch being filled, column by column: one array per record field, allocated for the
+    batch's row bound when it starts, so records are copied once (from the ring, field by
+    field) and never concatenated, and the column builder and encoder read contiguous
+    arrays. A narrowed char[N] field (Stream.narrow) is an 'S<w>' column, w its width."""
 
-    buf: np.ndarray
+    columns: dict[str, np.ndarray]
+    capacity: int
     rows: int = 0
     first_ns: int = 0
-    layout: _Layout | None = None
 
     @property
     def full(self) -> bool:
-        return self.rows >= len(self.buf)
+        return self.rows >= self.capacity
+
+    def filled(self) -> dict[str, np.ndarray]:
+        return {name: column[: self.rows] for name, column in self.columns.items()}
+
+    def put(self, rec: np.ndarray) -> None:
+        """Copy records (of the record dtype, may be a strided view of the ring) after the
+        rows, a cache-sized block at a time; a narrowed column keeps its first w bytes."""
+        step = max(1, _BLOCK_BYTES // max(rec.dtype.itemsize, 1))
+        for a in range(0, len(rec), step):
+            block = rec[a : a + step]
+            at = self.rows + a
+            for name, column in self.columns.items():
+                src, dst = block[name], column[at : at + len(block)]
+                if src.ndim > 1:  # an array per record (an address): as one opaque value, not byte by byte
+                    src, dst = _whole(src), _whole(dst)
+                dst[...] = src  # 'S<N>' into 'S<w>': the first w bytes
+        self.rows += len(rec)
+
+    def widen(self, name: str, width: int) -> None:
+        """Make a narrowed column width bytes wide (its values NUL padded)."""
+        column = self.columns[name]
+        wider = np.zeros(self.capacity, f"S{width}")
+        wider[: self.rows] = column[: self.rows]
+        self.columns[name] = wider
 
 
 class Batcher:
@@ -175,81 +147,59 @@ class Batcher:
         self._row_bytes: dict[str, float] = {}
 
     def add(self, stream: str, records: np.ndarray) -> list[Batch]:
-        """Take drained records; returns the batches that are now full."""
+        """Take records (an array of the record dtype); returns the batches now full."""
         out = []
         pos = 0
         while pos < len(records):
             p = self._pending_for(stream, records.dtype)
-            take = min(len(p.buf) - p.rows, len(records) - pos)
-            _copy(p.buf[p.rows : p.rows + take], records[pos : pos + take])
-            self._added(stream, p, take)
+            take = min(p.capacity - p.rows, len(records) - pos)
+            self._put(stream, p, records[pos : pos + take])
             pos += take
             if p.full:
                 out += self._cut(stream)
         return out
 
-    def add_from(self, stream: str, dtype: np.dtype, read: Callable[[np.ndarray], int]) -> tuple[int, list[Batch]]:
-        """Records that read(out) copies straight into the stream's pending batch (read fills
-        a prefix of out and says how many, e.g. RingBuffer.drain_into), until it has no more:
-        (records taken, batches now full). Full batches are encoded once read() has no more,
-        so a ring is emptied before the encoding work, not held full during it."""
-        total, full = 0, list[_Pending]()
-        while True:
-            p = self._pending_for(stream, dtype)
-            n = read(p.buf[p.rows :])
-            self._added(stream, p, n)
-            total += n
-            if not p.full:
-                return total, [b for f in full for b in self._encode(stream, f.buf[: f.rows])]
-            full.append(self._pending.pop(stream))
-
-    def add_narrowed(
-        self, stream: str, dtype: np.dtype, narrow: Sequence[tuple[str, str]], drain: Drain
+    def add_from(
+        self, stream: str, dtype: np.dtype, drain: Drain, narrow: Sequence[tuple[str, str]] = ()
     ) -> tuple[int, list[Batch]]:
-        """add_from for records whose char[N] fields in narrow (Stream.narrow) are batched only
-        up to the widest value of the batch: drain(take, max_records) (RingBuffer.drain_with)
-        hands take a view of the records, and only the bytes used are copied out of it (an
-        exec record is 1336 bytes, mostly the unused tail of its argv)."""
+        """Records that drain(take, max_records) (RingBuffer.drain_with) hands to take as a view
+        of the ring, copied field by field into the stream's pending batch until drain has no
+        more: (records taken, batches now full). Full batches are encoded once drain has no
+        more, so a ring is emptied before the encoding work, not held full during it.
+
+        The char[N] fields in narrow (Stream.narrow) are batched only up to the widest value of
+        the batch: an exec record is 1336 bytes, mostly the unused tail of its argv."""
         total, full = 0, list[_Pending]()
-        take = functools.partial(self._take_narrowed, stream, dtype, narrow)
+        take = functools.partial(self._take, stream, dtype, narrow)
         while True:
             p = self._pending.get(stream)
-            n = drain(take, len(p.buf) - p.rows if p is not None else self._cap_rows(stream, dtype))
+            n = drain(take, p.capacity - p.rows if p is not None else self._cap_rows(stream, dtype))
             total += n
             p = self._pending.get(stream)
             if p is None or not p.full:
-                return total, [b for f in full for b in self._encode(stream, f.buf[: f.rows])]
+                return total, [b for f in full for b in self._encode(stream, f.filled(), f.rows)]
             full.append(self._pending.pop(stream))
 
-    def _take_narrowed(self, stream: str, dtype: np.dtype, narrow: Sequence[tuple[str, str]], rec: np.ndarray) -> None:
-        """Copy rec (full records, as many as the pending batch has room for) into it, its
-        buffer re-laid out wider first if a value of rec does not fit."""
+    def _take(self, stream: str, dtype: np.dtype, narrow: Sequence[tuple[str, str]], rec: np.ndarray) -> None:
+        """Copy rec (as many records as the pending batch has room for) into it, its narrowed
+        columns widened first where a value of rec does not fit."""
         p = self._pending.get(stream)
-        have = p.layout.widths if p is not None and p.layout is not None else (0,) * len(narrow)
-        need = []
-        for (field, length), w in zip(narrow, have, strict=True):
+        need = {}
+        for field, length in narrow:
             n = rec.dtype[field].itemsize
+            w = p.columns[field].dtype.itemsize if p is not None else 0
             if length:
                 used = min(int(rec[length].max()), n)
             elif w and (w == n or (w % 8 == 0 and padded_fit(rec[field], w))):
                 used = w  # the batch's width holds them: no scan for the longest
             else:
                 used = padded_width(rec[field])
-            need.append(n - (n - max(used, 1)) // _GRAIN * _GRAIN)  # n - need: whole grains
-        if p is None:
-            layout = _layout(dtype, [f for f, _ in narrow], need)
-            p = self._pending[stream] = _Pending(np.empty(self._cap_rows(stream, dtype), layout.dtype), layout=layout)
-        else:
-            assert p.layout is not None, f"{stream}: whole records and narrowed ones in one batch"
-            layout = p.layout
-            if any(w > h for w, h in zip(need, layout.widths, strict=True)):
-                layout = _layout(dtype, layout.fields, [max(w, h) for w, h in zip(need, layout.widths, strict=True)])
-                buf = np.zeros(len(p.buf), layout.dtype)  # bytes a row did not use are NUL (or past its length)
-                for name in dtype.names or ():
-                    buf[name][: p.rows] = p.buf[name][: p.rows]
-                p.buf, p.layout = buf, layout
-        layout.copy(p.buf[p.rows : p.rows + len(rec)], rec)
-        self._added(stream, p, len(rec))
+            need[field] = n - (n - max(used, 1)) // _GRAIN * _GRAIN  # n - need: whole grains
+        p = self._pending_for(stream, dtype, need)
+        for field, width in need.items():
+            if width > p.columns[field].dtype.itemsize:
+                p.widen(field, width)
+        self._put(stream, p, rec)
 
     def _cap_rows(self, stream: str, dtype: np.dtype) -> int:
         """The rows a new batch of the stream may hold."""
@@ -258,22 +208,29 @@ class Batcher:
         row_bytes = self._row_bytes.get(stream, worst)
         return max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
 
-    def _pending_for(self, stream: str, dtype: np.dtype) -> _Pending:
-        """The stream's batch being filled, or a new one sized to the rows a batch may hold."""
+    def _pending_for(self, stream: str, dtype: np.dtype, widths: Mapping[str, int] | None = None) -> _Pending:
+        """The stream's batch being filled, or a new one sized to the rows a batch may hold
+        (its narrowed char fields `widths` bytes wide)."""
         p = self._pending.get(stream)
         if p is None:
-            p = self._pending[stream] = _Pending(np.empty(self._cap_rows(stream, dtype), dtype))
+            cap = self._cap_rows(stream, dtype)
+            widths = widths or {}
+            columns = {
+                name: np.empty(cap, f"S{widths[name]}" if name in widths else dtype[name]) for name in dtype.names or ()
+            }
+            p = self._pending[stream] = _Pending(columns, cap)
         return p
 
-    def _added(self, stream: str, p: _Pending, n: int) -> None:
-        """n records were written to p.buf after its rows."""
-        if not n:
+    def _put(self, stream: str, p: _Pending, rec: np.ndarray) -> None:
+        """Append records to p."""
+        if not len(rec):
             return
-        if self.identity is not None and p.buf.dtype.names and "cgroup_id" in p.buf.dtype.names:
-            self.identity.observe(p.buf["cgroup_id"][p.rows : p.rows + n])
         if not p.rows:
             p.first_ns = time.monotonic_ns()
-        p.rows += n
+        at = p.rows
+        p.put(rec)
+        if self.identity is not None and "cgroup_id" in p.columns:
+            self.identity.observe(p.columns["cgroup_id"][at : p.rows])
 
     def due(self, now_ns: int | None = None) -> list[Batch]:
         """Batches whose oldest row reached max age."""
@@ -283,12 +240,7 @@ class Batcher:
 
     def cut_now(self, stream: str, records: np.ndarray) -> list[Batch]:
         """Batches of exactly these records, now (for rows the agent makes itself)."""
-        pending = self._pending.pop(stream, None)
-        self._pending[stream] = _Pending(records, len(records), time.monotonic_ns())
-        batches = self._cut(stream)
-        if pending is not None:
-            self._pending[stream] = pending
-        return batches
+        return self._encode(stream, {name: records[name] for name in records.dtype.names or ()}, len(records))
 
     def flush(self) -> list[Batch]:
         return [b for s in [s for s, p in self._pending.items() if p.rows] for b in self._cut(s)]
@@ -299,27 +251,29 @@ class Batcher:
 
     def _cut(self, stream: str) -> list[Batch]:
         p = self._pending.pop(stream)
-        return self._encode(stream, p.buf[: p.rows])
+        return self._encode(stream, p.filled(), p.rows)
 
-    def _encode(self, stream: str, records: np.ndarray) -> list[Batch]:
+    def _encode(self, stream: str, records: dict[str, np.ndarray], rows: int) -> list[Batch]:
+        """Encode the records (one array per field) as batches, split while over max_bytes."""
         columns = self.builders[stream](records, boot_to_wall_offset_ns())
-        self._add_identity(stream, columns, len(records))
+        self._add_identity(stream, columns, rows)
         seq = self._seq.get(stream, 0) + 1
         batch_id = f"{self.node.machine_id}-{stream}-{self.epoch:x}-{seq}"
         created = time.time_ns()
         header = batch_pb2.BatchHeader(
             node=self.node, batch_id=batch_id, stream=stream, epoch=self.epoch, sequence=seq,
-            created_ns=created, row_count=len(records), schema_minor=SCHEMA_MINOR,
+            created_ns=created, row_count=rows, schema_minor=SCHEMA_MINOR,
         )  # fmt: skip
         payload = encode_batch(SCHEMAS[stream], header, columns)
-        if len(records):
-            learned = len(payload) / len(records)
+        if rows:
+            learned = len(payload) / rows
             self._row_bytes[stream] = (self._row_bytes.get(stream, learned) + learned) / 2
-        if len(payload) > self.max_bytes and len(records) > 1:
-            half = len(records) // 2  # the sequence number was not taken: halves get seq, seq+1
-            return self._encode(stream, records[:half]) + self._encode(stream, records[half:])
+        if len(payload) > self.max_bytes and rows > 1:
+            half = rows // 2  # the sequence number was not taken: halves get seq, seq+1
+            first, second = ({n: c[:half] for n, c in records.items()}, {n: c[half:] for n, c in records.items()})
+            return self._encode(stream, first, half) + self._encode(stream, second, rows - half)
         self._seq[stream] = seq
-        return [Batch(stream, batch_id, seq, len(records), payload, self.node.host_name.encode(), created)]
+        return [Batch(stream, batch_id, seq, rows, payload, self.node.host_name.encode(), created)]
 
     def _add_identity(self, stream: str, columns: dict[str, Any], rows: int) -> None:
         """Workload identity columns from cgroup_id, for streams whose message declares them."""

@@ -177,7 +177,9 @@ class CgroupResolver:
 
     def resolve(self, ids: np.ndarray) -> tuple[list[CgroupInfo], np.ndarray]:
         """Identities of the distinct ids, and each row's index into them."""
-        uniq, inverse = np.unique(np.asarray(ids, np.uint64), return_inverse=True)
+        ids = np.asarray(ids, np.uint64)
+        uniq = np.unique(ids)  # numpy >= 2.3: a hash table, then a sort of the few distinct ids
+        inverse = np.searchsorted(uniq, ids)  # not np.unique's return_inverse: that sorts every row
         infos = []
         for u in uniq.tolist():
             info = self._lookup(u)

@@ -4,12 +4,15 @@ columns, shared by the probes' column builders. None of them loops over rows in 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
+# Records of a batch, one array per field of the record struct (Batcher keeps them by column;
+# a structured array of records reads the same way).
+Records = Mapping[str, np.ndarray]
 # A stream's column builder: (records, boot->wall clock offset ns) -> protobuf columns.
-ColumnBuilder = Callable[[np.ndarray, int], dict[str, np.ndarray]]
+ColumnBuilder = Callable[[Records, int], dict[str, np.ndarray]]
 
 
 def boot_to_wall_offset_ns() -> int:
@@ -135,10 +138,31 @@ def _first_nul(view: np.ndarray) -> np.ndarray:
 def coded_strings(codes: np.ndarray, names: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
     """Small integer codes and their names ('S<n>' table indexed by code) -> a pre-encoded
     StringColumn (data, offsets, index) holding only the names present. A bincount instead
-    of encode_strings' sort of the strings: O(rows), with Python work per distinct code."""
+    of encode_strings' sort of the strings: O(rows); the dictionary for a set of codes is
+    built once (a batch's codes are nearly always a set seen before)."""
     codes = np.minimum(codes, len(names) - 1).astype(np.intp)
     present = np.bincount(codes, minlength=len(names)) > 0
-    used = names[present]
+    data, offsets, remap = _code_dictionary(names, present.tobytes())
+    return data, offsets, remap[codes]
+
+
+_CODE_DICTIONARIES: dict[tuple[int, bytes], tuple[np.ndarray, bytes, np.ndarray, np.ndarray]] = {}
+_CODE_DICTIONARIES_MAX = 1024
+
+
+def _code_dictionary(names: np.ndarray, present: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The dictionary (data, offsets) of the names flagged in present (one bool per code),
+    and each code's index into it; cached per (names table, codes present)."""
+    key = (id(names), present)
+    hit = _CODE_DICTIONARIES.get(key)
+    if hit is not None and hit[0] is names:  # the id of a table still alive (it holds the reference)
+        return hit[1], hit[2], hit[3]
+    mask = np.frombuffer(present, bool)
+    used = names[mask]
     lengths = np.char.str_len(used).astype("<u4")
-    index = (np.cumsum(present) - 1).astype("<u4")[codes]
-    return b"".join(used.tolist()), np.cumsum(lengths, dtype="<u4"), index
+    remap = (np.cumsum(mask) - 1).astype("<u4")
+    entry = (names, b"".join(used.tolist()), np.cumsum(lengths, dtype="<u4"), remap)
+    if len(_CODE_DICTIONARIES) >= _CODE_DICTIONARIES_MAX:
+        _CODE_DICTIONARIES.clear()
+    _CODE_DICTIONARIES[key] = entry
+    return entry[1], entry[2], entry[3]

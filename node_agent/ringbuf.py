@@ -81,21 +81,10 @@ class RingBuffer:
         self._cons_pos[0] = end
         return out
 
-    def drain_into(self, out: np.ndarray) -> int:
-        """Consume committed records straight into out (1-D, of the record dtype; at most
-        len(out) records) and return how many: one copy from the ring to where they are
-        batched, no array in between."""
-        payload, end = self._committed(len(out))
-        n = len(payload)
-        out[:n].view(payload.dtype)[:] = payload
-        del payload
-        self._cons_pos[0] = end
-        return n
-
     def drain_with(self, take: Callable[[np.ndarray], None], max_records: int) -> int:
         """Consume committed records (at most max_records) through take, which gets them as a
         view of the ring (record dtype, valid only during the call) and copies what it keeps;
-        returns how many: the caller picks the bytes it copies (Batcher.add_narrowed)."""
+        returns how many: the caller picks the bytes it copies (Batcher.add_from)."""
         payload, end = self._committed(max_records)
         n = len(payload)
         if n:

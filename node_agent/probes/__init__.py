@@ -93,7 +93,7 @@ class Stream:
     columns: ColumnBuilder  # records -> the columns of the stream's <Stream>Batch message
     # byte-string columns of command-line text whose secrets the agent masks (node_agent.redact)
     redact: tuple[str, ...] = ()
-    # char[N] fields batched only up to the widest value (Batcher.add_narrowed): (field, "")
+    # char[N] fields batched only up to the widest value (Batcher.add_from): (field, "")
     # for a NUL-padded string, (field, length field) for bytes that only field[:length] uses
     narrow: tuple[tuple[str, str], ...] = ()
 

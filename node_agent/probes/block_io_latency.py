@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from node_agent.columns import Records
 from node_agent.probes import Histogram, Hook, Probe, ProbeSettings
 
 __all__ = ["MAPS", "OPERATIONS", "PROBE", "device_names"]
@@ -41,7 +42,7 @@ def device_names(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
     return np.array(names, "S32")[inverse.ravel()] if len(devs) else np.zeros(0, "S32")
 
 
-def columns(rows: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rows: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """Histogram rows -> BlockIoLatencyBatch columns."""
     major = rows["dev"] >> np.uint32(MINORBITS)
     minor = rows["dev"] & np.uint32((1 << MINORBITS) - 1)

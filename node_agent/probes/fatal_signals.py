@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from node_agent.columns import c_strings
+from node_agent.columns import Records, c_strings
 from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["PROBE"]
@@ -22,7 +22,7 @@ def rodata(settings: ProbeSettings) -> Mapping[str, int | bytes]:
     return {}
 
 
-def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rec: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """fatal_signals_event records -> FatalSignalsBatch columns."""
     flags = rec["flags"]
     return {

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from node_agent.columns import padded_strings
+from node_agent.columns import Records, padded_strings
 from node_agent.errors import ProbeConfigError
 from node_agent.libbpf import BpfObject, num_possible_cpus
 from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
@@ -79,7 +79,7 @@ def _bcc_fields() -> tuple[KernelField, ...]:
     )
 
 
-def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rec: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """file_open_event records -> FileOpenBatch columns."""
     ret = rec["ret"].astype("<i4", copy=False)
     failed = ret < 0

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from node_agent.columns import c_strings
+from node_agent.columns import Records, c_strings
 from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["PROBE"]
@@ -21,7 +21,7 @@ def rodata(settings: ProbeSettings) -> Mapping[str, int | bytes]:
 IN_PROCESS_EXIT = 2  # OOM_KILLS_IN_PROCESS_EXIT in bpf/oom_kills.h
 
 
-def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rec: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """oom_kills_event records -> OomKillsBatch columns."""
     return {
         "time": rec["time_ns"] + np.uint64(offset_ns),

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from node_agent.columns import argv_strings, c_strings, padded_strings
+from node_agent.columns import Records, argv_strings, c_strings, padded_strings
 from node_agent.errors import ProbeConfigError
 from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
@@ -24,7 +24,7 @@ def rodata(settings: ProbeSettings) -> Mapping[str, int]:
     return {"args_max": settings.args_max}
 
 
-def exec_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def exec_columns(rec: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """process_exec_event records -> ProcessExecBatch columns."""
     return {
         "time": rec["time_ns"] + np.uint64(offset_ns),
@@ -40,7 +40,7 @@ def exec_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
     }
 
 
-def exit_columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def exit_columns(rec: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """process_exit_event records -> ProcessExitBatch columns."""
     flags = rec["flags"]
     return {

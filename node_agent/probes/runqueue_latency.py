@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from node_agent.columns import Records
 from node_agent.probes import Histogram, Hook, Probe, ProbeSettings
 
 __all__ = ["MAPS", "PROBE"]
@@ -14,7 +15,7 @@ __all__ = ["MAPS", "PROBE"]
 MAPS = ("runqueue_latency_h0", "runqueue_latency_h1")  # generations (bpf/histogram.bpf.h)
 
 
-def columns(rows: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rows: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """Histogram rows -> RunqueueLatencyBatch columns."""
     return {
         "time": rows["time_ns"] + np.uint64(offset_ns),

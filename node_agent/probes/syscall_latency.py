@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from node_agent.columns import Records
 from node_agent.probes import Histogram, Hook, Probe, ProbeSettings
 from node_agent.syscall_names import syscall_names
 
@@ -15,7 +16,7 @@ __all__ = ["MAPS", "PROBE"]
 MAPS = ("syscall_latency_h0", "syscall_latency_h1")  # generations (bpf/histogram.bpf.h)
 
 
-def columns(rows: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rows: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """Histogram rows -> SyscallLatencyBatch columns; names resolved per batch (a take)."""
     return {
         "time": rows["time_ns"] + np.uint64(offset_ns),

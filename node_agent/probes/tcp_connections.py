@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from node_agent.columns import c_strings, coded_strings
+from node_agent.columns import Records, coded_strings, padded_strings
 from node_agent.probes import BccVariant, Hook, KernelField, Probe, ProbeSettings, Stream
 
 __all__ = ["ERRNO_NAMES", "PROBE", "SOCKS_MAP"]
@@ -37,7 +37,7 @@ def addresses(field: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(field).view("<u4")
 
 
-def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
+def columns(rec: Records, offset_ns: int) -> dict[str, np.ndarray]:
     """tcp_connection_event records -> TcpConnectionsBatch columns (role, reset and error
     pre-encoded from their codes, see coded_strings)."""
     flags = rec["flags"].astype("<u4")
@@ -46,7 +46,7 @@ def columns(rec: np.ndarray, offset_ns: int) -> dict[str, np.ndarray]:
         "duration_ns": rec["duration_ns"],
         "handshake_ns": rec["handshake_ns"],
         "pid": rec["pid"],
-        "comm": c_strings(rec["comm"]),
+        "comm": padded_strings(rec["comm"]),  # NUL-padded: bpf_get_current_comm into a zeroed entry
         "cgroup_id": rec["cgroup_id"],
         "owner_known": ((flags & NO_OWNER) == 0).astype("<u4"),
         "role": coded_strings(rec["role"], ROLES),

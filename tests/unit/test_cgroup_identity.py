@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,8 @@ def exec_records(cgroup_ids: list[int]) -> np.ndarray:
     return rec
 
 
-def exec_builder(rec: np.ndarray, offset: int) -> dict[str, np.ndarray]:
-    n = len(rec)
+def exec_builder(rec: Mapping[str, np.ndarray], offset: int) -> dict[str, np.ndarray]:
+    n = len(rec["pid"])
     return {
         "time": np.zeros(n, np.uint64), "pid": rec["pid"], "ppid": np.zeros(n, np.uint32),
         "uid": np.zeros(n, np.uint32), "cgroup_id": rec["cgroup_id"], "comm": np.array([b"sh"] * n, "S16"),

@@ -61,8 +61,8 @@ def test_padded_strings_equal_c_strings_on_nul_padded_fields() -> None:
 
 
 def test_records_read_straight_into_the_batch_cut_it_at_the_row_bound() -> None:
-    """Batcher.add_from lets a reader (RingBuffer.drain_into) fill the pending batch in place;
-    full batches are cut and the reader goes on into the next one."""
+    """Batcher.add_from copies what a reader (RingBuffer.drain_with) hands over into the
+    pending batch's columns; full batches are cut and the reader goes on into the next one."""
     from fleetscope.codec import SCHEMAS, decode_batch
     from node_agent.agent import STATS_DTYPE, STATS_STREAM, stats_columns
     from node_agent.batcher import Batcher, node_identity
@@ -72,20 +72,21 @@ def test_records_read_straight_into_the_batch_cut_it_at_the_row_bound() -> None:
     source["counter"] = b"emitted"
     pos = 0
 
-    def read(out: np.ndarray) -> int:
+    def drain(take: Callable[[np.ndarray], None], most: int) -> int:
         nonlocal pos
-        n = min(len(out), len(source) - pos, 700)  # a ring hands over what it holds, not more
-        out[:n] = source[pos : pos + n]
+        n = min(most, len(source) - pos, 700)  # a ring hands over what it holds, not more
+        if n:
+            take(source[pos : pos + n])
         pos += n
         return n
 
     batcher = Batcher(node_identity("n"), {STATS_STREAM: stats_columns}, 1000, 1 << 20, 60.0)
-    got, batches = batcher.add_from(STATS_STREAM, STATS_DTYPE, read)
+    got, batches = batcher.add_from(STATS_STREAM, STATS_DTYPE, drain)
     assert got == 700 and batches == [] and batcher.pending_rows == 700  # the reader ran dry
-    got, batches = batcher.add_from(STATS_STREAM, STATS_DTYPE, read)
+    got, batches = batcher.add_from(STATS_STREAM, STATS_DTYPE, drain)
     assert got == 1000 and [b.rows for b in batches] == [1000]  # 300 to fill it, 700 in the next
     while pos < len(source):
-        got, more = batcher.add_from(STATS_STREAM, STATS_DTYPE, read)
+        got, more = batcher.add_from(STATS_STREAM, STATS_DTYPE, drain)
         batches += more
     batches += batcher.flush()
     assert [b.rows for b in batches] == [1000, 1000, 500]
@@ -97,7 +98,7 @@ def test_records_read_straight_into_the_batch_cut_it_at_the_row_bound() -> None:
 def test_narrowed_exec_records_batch_the_same_rows_as_whole_ones() -> None:
     """process_exec records copied only up to their batch's longest filename and argv
     (Stream.narrow) encode the same batches as whole records, also when a longer value
-    arrives mid-batch and the batch is re-laid out wider; bytes past args_len stay out."""
+    arrives mid-batch and the batch's column is widened; bytes past args_len stay out."""
     from fleetscope.codec import SCHEMAS, StringColumn, decode_batch
     from node_agent.batcher import Batcher, node_identity
     from node_agent.probes.process import PROBE, exec_columns
@@ -134,7 +135,7 @@ def test_narrowed_exec_records_batch_the_same_rows_as_whole_ones() -> None:
     batches = []
     batcher = Batcher(node_identity("n"), builders, 700, 1 << 30, 60.0)
     while pos < len(source):
-        batches += batcher.add_narrowed("process_exec", dtype, narrow, drain)[1]
+        batches += batcher.add_from("process_exec", dtype, drain, narrow)[1]
     batches += batcher.flush()
     whole = Batcher(node_identity("n"), builders, 700, 1 << 30, 60.0)
     expected = whole.add("process_exec", source) + whole.flush()
