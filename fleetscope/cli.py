@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleetscope import __version__, config
+from fleetscope import __version__, config, malloc
 from fleetscope.config import (
     AgentSettings,
     CheckSettings,
@@ -335,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runners: dict[str, Callable[[Any], Coroutine[Any, Any, int]]] = {
             "run": cmd_run, "agent": cmd_agent, "ingest": cmd_ingest, "serve-sql": cmd_serve_sql,
         }  # fmt: skip
+        malloc.keep_heap()  # large per-batch buffers reuse warm heap memory (fleetscope/malloc.py)
         return asyncio.run(runners[command](settings))
     except ConfigError as e:
         print(f"fleetscope {command}: configuration error: {e}", file=sys.stderr)
