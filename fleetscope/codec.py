@@ -176,8 +176,11 @@ def _tag(number: int) -> bytes:
     return _varint((number << 3) | _WIRE_LEN)
 
 
-def _ld(number: int, payload: bytes) -> list[bytes]:
-    """A length-delimited field: tag, length, payload (as pieces to join once)."""
+def _ld(number: int, payload: bytes | np.ndarray) -> list[bytes | memoryview]:
+    """A length-delimited field: tag, length, payload (bytes, or a C-contiguous little-endian
+    array whose memory is joined as it is), as pieces to join once."""
+    if isinstance(payload, np.ndarray):
+        return [_tag(number), _varint(payload.nbytes), payload.data]
     return [_tag(number), _varint(len(payload)), payload]
 
 
@@ -217,13 +220,11 @@ def string_dictionary(fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h ^= words[:, j]
         h *= _HASH_MUL
         h ^= h >> np.uint64(29)
-    # the distinct hashes (numpy >= 2.3 finds them with a hash table, then sorts only those), each
-    # row's by a binary search among them: O(rows * log(distinct)), where sorting the rows
-    # was O(rows * log(rows)). Any row of a group can stand for it, as all rows are checked below.
-    distinct = np.unique(h)
-    index = np.searchsorted(distinct, h).astype(np.uint32)
+    # any row of a group of equal hashes can stand for it, as all rows are checked below
+    distinct, index = distinct_values(h)
     first = np.empty(len(distinct), np.intp)
     first[index] = np.arange(rows)
+    index = index.astype(np.uint32)
     # one word: each hash step is a bijection (xor, odd multiply, xorshift), so equal
     # hashes are equal values and there is nothing to check
     if words.shape[1] == 1 or np.array_equal(words, np.take(words, first[index], axis=0)):
@@ -232,6 +233,23 @@ def string_dictionary(fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         entries, inverse = np.unique(fixed, return_inverse=True)
         index = inverse.astype("<u4").ravel()
     return entries, index.astype("<u4", copy=False)
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a 1-D integer array, sorted.
+
+    Rows come in runs (a batch's events of one process, one cgroup), so they are looked for
+    among the first row of each run only: np.unique sorts every row, and its hash table
+    (numpy >= 2.3) costs about as much per row."""
+    heads = values[np.flatnonzero(values[1:] != values[:-1]) + 1]
+    return np.unique(np.concatenate((values[:1], heads)))
+
+
+def distinct_values(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """distinct(values) and each row's index into them, by binary search: O(rows *
+    log(distinct)) where np.unique(return_inverse=True) sorts every row."""
+    found = distinct(values)
+    return found, np.searchsorted(found, values)
 
 
 def pack_strings(entries: np.ndarray) -> tuple[bytes, np.ndarray]:
@@ -254,26 +272,27 @@ def encode_batch(schema: StreamSchema, header: batch_pb2.BatchHeader, columns: d
     """Encode one batch. Numeric columns are arrays of the column dtype; string columns are
     fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples; a column
     missing from `columns` that the header's schema_minor may leave out is left out."""
-    pieces: list[bytes] = _ld(1, header.SerializeToString())
+    pieces: list[bytes | memoryview] = _ld(1, header.SerializeToString())
     for col in schema.columns:
         if col.name not in columns and col.may_be_absent(header.schema_minor):
             continue
         values = columns[col.name]
         if col.dtype is None:
             data, offsets, index = values if isinstance(values, tuple) else encode_strings(values)
-            sub: list[bytes] = []
+            sub: list[bytes | memoryview] = []
             if len(data):
                 sub += _ld(1, data)
             if len(offsets):
-                sub += _ld(2, np.ascontiguousarray(offsets, "<u4").tobytes())
+                sub += _ld(2, np.ascontiguousarray(offsets, "<u4"))
             if len(index):
-                sub += _ld(3, np.ascontiguousarray(index, "<u4").tobytes())
-            pieces += _ld(col.number, b"".join(sub))
+                sub += _ld(3, np.ascontiguousarray(index, "<u4"))
+            size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in sub)
+            pieces += [_tag(col.number), _varint(size), *sub]  # the StringColumn message, not joined apart
         elif len(values):
             if col.per_row > 1 and np.size(values) != header.row_count * col.per_row:
                 raise ValueError(f"{col.name}: {np.size(values)} values, not {col.per_row} per row")
-            pieces += _ld(col.number, np.ascontiguousarray(values, col.dtype).tobytes())
-    return b"".join(pieces)
+            pieces += _ld(col.number, np.ascontiguousarray(values, col.dtype))
+    return b"".join(pieces)  # arrays join from their memory: one copy of each column
 
 
 def _absent(col: Column, rows: int) -> np.ndarray | StringColumn:

@@ -1,8 +1,8 @@
 """The node agent: probes -> ring buffers -> batcher -> sink.
 
 Ring buffers are drained in bulk when the kernel wakes their reader (the BPF side forces a
-wakeup only once `wakeup_bytes` are waiting) and on a short tick, so low event rates
-still ship within the batch age bound.
+wakeup only once `wakeup_bytes`, half the ring, are waiting) and on a short tick, so low
+event rates still ship within the batch age bound.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class Agent:
         self.batcher = Batcher(
             node_identity(settings.node), self._builders,
             settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age, self.cgroups,
+            compress=sink.compresses,
         )  # fmt: skip
         self.stats = AgentStats()
         self.redactor = Redactor(settings.redact_patterns)  # secrets in command lines (redact.py)
@@ -170,7 +171,10 @@ class Agent:
         a record is waiting, so the event loop watching it directly drained a few records
         per loop iteration under load (~50 of a storm's exec records: numpy's per-call cost
         per drain outweighed the copying); edge-triggered in an epoll of their own, the fds
-        report only the wakeups the BPF side forces past wakeup_bytes, and the tick does the rest."""
+        report only the wakeups the BPF side forces past wakeup_bytes, and the tick does the rest.
+        wakeup_bytes is half the ring: a drain costs ~100 us whatever it takes (the per-field
+        copies and their set-up), so it takes thousands of records, and the other half leaves
+        the reader ~100 ms at a storm's rate before the ring is full."""
         assert self._loop is not None
         if self._wakeups is None:
             self._wakeups = select.epoll()
@@ -285,6 +289,8 @@ class Agent:
         """Move every committed record from the ring buffers into the batcher."""
         for probe in self._probes:
             for stream, ring in probe.rings.items():
+                if not ring.pending_bytes():  # the tick finds most rings empty: nothing to set up
+                    continue
                 # straight from the ring into the batch's columns, only the bytes its char[N]
                 # fields use: one copy per field
                 read, batches = self.batcher.add_from(stream, ring.dtype, ring.drain_with, self._narrow.get(stream, ()))

@@ -257,7 +257,7 @@ def load_probe_bcc(
     if ring_bytes < mmap.PAGESIZE or ring_bytes & (ring_bytes - 1):
         raise ProbeConfigError(f"ring_bytes: {ring_bytes} must be a power of 2 and >= {mmap.PAGESIZE}")
     knobs = dict(probe.rodata(settings))
-    knobs[WAKEUP_KNOB] = ring_bytes // 4
+    knobs[WAKEUP_KNOB] = ring_bytes // 2  # as the libbpf loader: see Agent._watch
     if settings.filter_pid:
         knobs["targ_tgid"] = settings.filter_pid
     if settings.filter_cgroup:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fleetscope.codec import distinct, distinct_values
+
 log = logging.getLogger(__name__)
 
 # The columns this module fills, in every stream whose batch message declares them.
@@ -177,9 +179,7 @@ class CgroupResolver:
 
     def resolve(self, ids: np.ndarray) -> tuple[list[CgroupInfo], np.ndarray]:
         """Identities of the distinct ids, and each row's index into them."""
-        ids = np.asarray(ids, np.uint64)
-        uniq = np.unique(ids)  # numpy >= 2.3: a hash table, then a sort of the few distinct ids
-        inverse = np.searchsorted(uniq, ids)  # not np.unique's return_inverse: that sorts every row
+        uniq, inverse = distinct_values(np.asarray(ids, np.uint64))
         infos = []
         for u in uniq.tolist():
             info = self._lookup(u)
@@ -192,23 +192,31 @@ class CgroupResolver:
     def observe(self, ids: np.ndarray) -> None:
         """Resolve the ids of freshly drained records while their cgroups still exist."""
         if len(ids):
-            for u in np.unique(ids).tolist():
+            for u in distinct(ids).tolist():
                 self._lookup(u)
 
     def columns(self, ids: np.ndarray) -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:
         """The identity columns of a batch, dictionary-encoded (StringColumn's data, offsets, index)."""
         infos, inverse = self.resolve(ids)
-        return {name: dictionary_column([getattr(i, name) for i in infos], inverse) for name in IDENTITY_COLUMNS}
+        rows = inverse.astype("<u4")  # shared by the columns whose values differ per distinct id
+        return {name: dictionary_column([getattr(i, name) for i in infos], inverse, rows) for name in IDENTITY_COLUMNS}
 
 
-def dictionary_column(values: list[str], inverse: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+def dictionary_column(
+    values: list[str], inverse: np.ndarray, identity: np.ndarray | None = None
+) -> tuple[bytes, np.ndarray, np.ndarray]:
     """Per-distinct strings + each row's index into them -> (data, offsets, index) of a
-    StringColumn whose dictionary holds each value once."""
+    StringColumn whose dictionary holds each value once. identity: inverse as uint32, the
+    index itself when the values are already distinct (no per-row work then)."""
     codes: dict[str, int] = {}
     index = np.fromiter((codes.setdefault(v, len(codes)) for v in values), "<u4", len(values))
     encoded = [v.encode() for v in codes]
     offsets = np.cumsum([len(e) for e in encoded], dtype=np.int64).astype("<u4")
-    return b"".join(encoded), offsets, index[inverse] if len(inverse) else np.zeros(0, "<u4")
+    if not len(inverse):
+        return b"".join(encoded), offsets, np.zeros(0, "<u4")
+    if identity is not None and len(codes) == len(values):  # every value distinct: entry i is value i
+        return b"".join(encoded), offsets, identity
+    return b"".join(encoded), offsets, index[inverse]
 
 
 def empty_columns(rows: int) -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:

@@ -121,7 +121,7 @@ def load_probe(
     """Open, configure (knobs, ring sizes), load and attach a probe; build its readers.
 
     object_dir overrides settings.bpf_dir; rodata overrides or adds const volatile knobs
-    (e.g. targ_tgid, wakeup_bytes, which defaults to a quarter of the ring). reuse: map name
+    (e.g. targ_tgid, wakeup_bytes, which defaults to half the ring). reuse: map name
     -> fd of maps earlier probes lend (lent_maps()); those of Probe.borrows are taken.
     """
     if isinstance(probe, str):
@@ -251,7 +251,7 @@ def _configure(
         log = f"{obj.path}: no program {', '.join(missing)}"
         raise ProbeLoadError(probe.name, errno.ENOENT, log, what="open")
     if WAKEUP_KNOB in variables:
-        knobs.setdefault(WAKEUP_KNOB, ring_bytes // 4)
+        knobs.setdefault(WAKEUP_KNOB, ring_bytes // 2)  # see Agent._watch
     knobs.update(overrides)
     try:
         obj.set_rodata(**knobs)

@@ -116,9 +116,13 @@ class RingBuffer:
         if max_records is not None:
             n = min(n, max_records)
         records = np.frombuffer(self._data_map, self._record, count=n, offset=self._data_off + (cons & self._mask))
-        lens = records["len"].copy()  # headers first, payloads after
-        if (lens == self.dtype.itemsize).all():  # the usual case: all committed, none discarded
+        # headers first, payloads after. The usual case, all committed and none discarded, in
+        # one pass over the headers; a record seen committed stays so until consumed, so the
+        # copy taken otherwise (of headers that may still change from busy to committed) is
+        # what decides
+        if (records["len"] == self.dtype.itemsize).all():
             return records["payload"], cons + n * self.stride
+        lens = records["len"].copy()
         busy = (lens & _BUSY) != 0
         if busy.any():
             # a record still being written ends the committed region

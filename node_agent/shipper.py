@@ -52,6 +52,7 @@ class BatchSink(Protocol):
     """Where the agent puts finished batches."""
 
     counters: Counter[str]
+    compresses: bool  # whether batches travel compressed: the batcher then bounds their compressed size
 
     async def start(self) -> None: ...
     def submit(self, batch: Batch) -> None: ...
@@ -64,6 +65,7 @@ class QueueSink:
     def __init__(self, max_batches: int, tracer: PipelineTracer | None = None) -> None:
         self.tracer = tracer  # self-tracing: a span per delivered batch, its context in the headers
         self.counters: Counter[str] = Counter()
+        self.compresses = False  # in memory: the ingester decodes the batch as it is
         self._queue: collections.deque[Batch] = collections.deque()
         self._max = max_batches
         self._ready = asyncio.Event()
@@ -159,7 +161,6 @@ class LocalSink(QueueSink):
         await self._deliver(batch)
 
 
-ENCODING_LZ4 = payload.LZ4.encode()  # the fs-encoding header of every batch KafkaSink sends
 MAX_IN_FLIGHT = 8  # batches handed to the producer at once; see KafkaSink
 RECONNECT_CAP = 5.0  # seconds: the longest wait between two connection attempts
 SYNC_INTERVAL = 1.0  # seconds between spool checkpoints (cursor, fdatasync of unacknowledged data)
@@ -210,6 +211,7 @@ class KafkaSink:
                  tracer: PipelineTracer | None = None, auth: KafkaAuth | None = None) -> None:  # fmt: skip
         self.tracer = tracer  # self-tracing: a span per send, its context in the headers
         self.counters: Counter[str] = Counter()
+        self.compresses = True  # every batch goes to the spool and Kafka as an LZ4 frame
         self.brokers, self.topic_prefix = brokers, topic_prefix
         self.auth = auth  # TLS and SASL (None: PLAINTEXT)
         self.spool = Spool(spool_dir, spool_max_bytes, self.counters)
@@ -277,11 +279,13 @@ class KafkaSink:
     # -- the agent's side --------------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
-        """Compress the batch and append it to the spool; the sender takes it from there."""
-        headers = [*batch.headers(), (payload.ENCODING_HEADER, ENCODING_LZ4)]
+        """Append the batch to the spool, compressed (the agent's batcher compresses already,
+        see compresses); the sender takes it from there."""
+        if not batch.encoding:
+            batch = dataclasses.replace(batch, payload=payload.compress(batch.payload), encoding=payload.LZ4)
         try:
             self.spool.append(batch.stream, batch.batch_id, batch.sequence, batch.rows, batch.created_ns, batch.key,
-                              headers, SCHEMA_MAJOR, payload.compress(batch.payload))  # fmt: skip
+                              batch.headers(), SCHEMA_MAJOR, batch.payload)  # fmt: skip
         except SpoolWriteError as e:
             for reason in ("dropped", "spool_error"):
                 self.counters[f"{batch.stream}.rows_{reason}"] += batch.rows

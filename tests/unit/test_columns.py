@@ -47,6 +47,27 @@ def test_batches_respect_the_byte_bound_and_learn_the_encoded_size() -> None:
     assert len(batches) < 2 * (20000 * 160 // (64 << 10)) + 4  # ~153 encoded bytes per row
 
 
+def test_compressed_batches_are_bounded_by_their_compressed_size() -> None:
+    """In fleet mode the byte bound is the Kafka message: the LZ4 frame, not the batch inside."""
+    from fleetscope.codec import SCHEMAS, decode_batch
+    from fleetscope.payload import unpack_message
+    from node_agent.agent import STATS_DTYPE, STATS_STREAM, stats_columns
+    from node_agent.batcher import Batcher, node_identity
+
+    rec = np.zeros(30000, STATS_DTYPE)
+    rec["value"] = np.arange(30000)
+    rec["counter"] = b"emitted"
+    batcher = Batcher(node_identity("n"), {STATS_STREAM: stats_columns}, 1 << 20, 64 << 10, 60.0, compress=True)
+    batches = batcher.add(STATS_STREAM, rec) + batcher.flush()
+    assert all(len(b.payload) <= 64 << 10 for b in batches)
+    raw = [unpack_message(b.payload, b.headers(), 64 << 20) for b in batches]
+    assert ("fs-encoding", b"lz4") in batches[0].headers()
+    assert sum(len(r) for r in raw) > 4 * sum(len(b.payload) for b in batches)  # many more rows than uncompressed
+    assert len(batches) < 30000 * 200 // (4 * (64 << 10))
+    decoded = [decode_batch(SCHEMAS[STATS_STREAM], r) for r in raw]
+    assert np.concatenate([d.columns["value"] for d in decoded]).tolist() == list(range(30000))
+
+
 def test_padded_strings_equal_c_strings_on_nul_padded_fields() -> None:
     from node_agent.columns import padded_strings
 
