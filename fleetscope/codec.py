@@ -271,7 +271,9 @@ _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # encode_strings' row hash: xor, mult
 def encode_batch(schema: StreamSchema, header: batch_pb2.BatchHeader, columns: dict[str, np.ndarray]) -> bytes:
     """Encode one batch. Numeric columns are arrays of the column dtype; string columns are
     fixed-width bytes arrays ('S<n>') or pre-encoded (data, offsets, index) tuples; a column
-    missing from `columns` that the header's schema_minor may leave out is left out."""
+    missing from `columns` that the header's schema_minor may leave out is left out, and so
+    is an omittable string column that is "" in every row (readers fill that in: a host
+    without containers sends no container ids)."""
     pieces: list[bytes | memoryview] = _ld(1, header.SerializeToString())
     for col in schema.columns:
         if col.name not in columns and col.may_be_absent(header.schema_minor):
@@ -279,6 +281,8 @@ def encode_batch(schema: StreamSchema, header: batch_pb2.BatchHeader, columns: d
         values = columns[col.name]
         if col.dtype is None:
             data, offsets, index = values if isinstance(values, tuple) else encode_strings(values)
+            if col.omittable and not len(data):  # no bytes in any entry: "" in every row
+                continue
             sub: list[bytes | memoryview] = []
             if len(data):
                 sub += _ld(1, data)

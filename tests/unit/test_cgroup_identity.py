@@ -143,3 +143,17 @@ def test_identity_columns_are_omittable_for_older_writers() -> None:
     out = decode_batch(SCHEMAS["process_exit"], encode_batch(SCHEMAS["process_exit"], h, cols))
     assert out.columns["pod_uid"].decoded().tolist() == ["", ""]
     assert [c.name for c in SCHEMAS["block_io_latency"].columns if c.omittable] == []
+
+
+def test_identity_columns_empty_in_every_row_are_left_out() -> None:
+    """Identity columns that are "" in every row (here: no cgroup resolver) are not sent at
+    all; they are omittable, so readers fill in "" (a host without containers sends no
+    container ids)."""
+    node = batch_pb2.NodeIdentity(host_name="n", machine_id="m")
+    b = Batcher(node, {"process_exec": exec_builder}, 100, 1 << 20, 60)  # no resolver: every identity is ""
+    (batch,) = b.add("process_exec", exec_records([1, 2, 3])) + b.flush()
+    msg = process_pb2.ProcessExecBatch.FromString(batch.payload)
+    assert not any(msg.HasField(name) for name in ("container_id", "pod_uid", "container_runtime", "cgroup_kind"))
+    out = decode_batch(SCHEMAS["process_exec"], batch.payload)
+    assert out.columns["container_id"].decoded().tolist() == [""] * 3
+    assert out.columns["cgroup_kind"].decoded().tolist() == [""] * 3
