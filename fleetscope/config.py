@@ -474,8 +474,15 @@ class AgentOptions:
     cgroup_cache_entries: int = opt(
         16384, _positive_int, "cgroup ids whose container id and pod UID the agent remembers (LRU)"
     )
-    batch_max_rows: int = opt(16384, _positive_int, "a batch is shipped at this many rows")
-    batch_max_bytes: int = opt(1 << 20, _size, "... or when its message reaches this many bytes: compressed, as Kafka gets it (keep under the broker's message.max.bytes); in `run`, uncompressed")
+    batch_max_rows: int = opt(
+        32768, _positive_int, "a batch is shipped at this many rows (or fewer: a batch being filled holds <= 4 MiB)"
+    )
+    batch_max_bytes: int = opt(
+        1 << 20,
+        _size,
+        "... or when its message reaches this many bytes: compressed, as Kafka gets it "
+        "(keep under the broker's message.max.bytes); in `run`, uncompressed",
+    )
     batch_max_age: float = opt(1.0, _duration, "... or when its oldest row is this old")
     status_interval: float = opt(10.0, _duration, "how often the agent logs its counters")
     status_listen: str = opt(

@@ -145,6 +145,7 @@ class Batcher:
     """
 
     SAFETY = 1.25  # headroom on the learned bytes per row
+    BUFFER_BYTES = 4 << 20  # a new batch's columns hold at most this many bytes (at the last batch's widths)
 
     def __init__(
         self,
@@ -165,6 +166,7 @@ class Batcher:
         self._seq: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
         self._row_bytes: dict[str, float] = {}
+        self._buffer_row: dict[str, int] = {}  # bytes per row of the stream's columns in its last batch
 
     def add(self, stream: str, records: np.ndarray) -> list[Batch]:
         """Take records (an array of the record dtype); returns the batches now full."""
@@ -226,7 +228,8 @@ class Batcher:
         # before the first batch, assume the worst: every byte of the record is encoded
         worst = dtype.itemsize + 4 * len(dtype.names or ())
         row_bytes = self._row_bytes.get(stream, worst)
-        return max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY))))
+        held = self.BUFFER_BYTES // self._buffer_row.get(stream, dtype.itemsize)  # narrowed: far below itemsize
+        return max(1, min(self.max_rows, int(self.max_bytes / (row_bytes * self.SAFETY)), held))
 
     def _pending_for(self, stream: str, dtype: np.dtype, widths: Mapping[str, int] | None = None) -> _Pending:
         """The stream's batch being filled, or a new one sized to the rows a batch may hold
@@ -275,6 +278,8 @@ class Batcher:
 
     def _encode(self, stream: str, records: dict[str, np.ndarray], rows: int) -> list[Batch]:
         """Encode the records (one array per field) as batches, split while over max_bytes."""
+        if rows:
+            self._buffer_row[stream] = max(1, sum(c.nbytes for c in records.values()) // rows)
         columns = self.builders[stream](records, boot_to_wall_offset_ns())
         self._add_identity(stream, columns, rows)
         seq = self._seq.get(stream, 0) + 1

@@ -174,3 +174,17 @@ def test_narrowed_exec_records_batch_the_same_rows_as_whole_ones() -> None:
     assert isinstance(column, StringColumn)
     args = column.decoded().tolist()
     assert "a          b" in args and "y" * 1024 in args and not any("tail" in a for a in args)
+
+
+def test_a_batch_being_filled_holds_at_most_its_buffer_bound() -> None:
+    """However high the row and byte bounds, a batch's columns hold at most Batcher.BUFFER_BYTES
+    (the agent's memory stays bounded with wide records)."""
+    from node_agent.agent import STATS_DTYPE, STATS_STREAM, stats_columns
+    from node_agent.batcher import Batcher, node_identity
+
+    rec = np.zeros(60000, STATS_DTYPE)
+    rec["value"] = np.arange(60000)
+    batcher = Batcher(node_identity("n"), {STATS_STREAM: stats_columns}, 1 << 20, 1 << 30, 60.0)
+    batches = batcher.add(STATS_STREAM, rec) + batcher.flush()
+    assert sum(b.rows for b in batches) == 60000
+    assert max(b.rows for b in batches) <= Batcher.BUFFER_BYTES // STATS_DTYPE.itemsize
