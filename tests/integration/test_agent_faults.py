@@ -281,6 +281,7 @@ def storm_cgroup() -> Iterator[Path]:
 STORM = 1500
 SPOOL_MAX = 64 << 10  # the agent spools LZ4 frames: the storm takes about 90 KiB
 BATCH_MAX = 16 << 10
+BATCH_ROWS = 100  # exit rows compress to a few bytes: many batches of both streams, interleaved in the spool
 
 
 def test_spool_overflow_is_counted_exactly(
@@ -289,7 +290,7 @@ def test_spool_overflow_is_counted_exactly(
     store, prefix, spool = tmp_path / "store", f"overflow-{uuid.uuid4().hex[:8]}", tmp_path / "spool"
     port = free_port()
     limits = ("--filter-cgroup", str(storm_cgroup), "--spool-max-bytes", str(SPOOL_MAX),
-              "--batch-max-bytes", str(BATCH_MAX))  # fmt: skip
+              "--batch-max-bytes", str(BATCH_MAX), "--batch-max-rows", str(BATCH_ROWS))  # fmt: skip
     first = agent_process(dead_address(), bpf_objects, prefix, spool, port, tmp_path / "agent1.log", *limits)
     with first:
         first.wait_for_log("probe process running", 120)

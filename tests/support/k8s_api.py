@@ -158,6 +158,10 @@ class K8sApiServer:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self._shutdown())
+            # as asyncio.run does: handlers still waiting (a watch caught mid-start) end here,
+            # not when the garbage collector finds them after the loop closed (an error then
+            # surfaces in whatever test runs at that moment)
+            loop.run_until_complete(_cancelled(asyncio.all_tasks(loop)))
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="k8s-api", daemon=True)
@@ -351,6 +355,13 @@ class K8sApiServer:
         finally:
             self._watches.remove(w)
         return resp
+
+
+async def _cancelled(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def new_uid() -> str:
