@@ -1,8 +1,9 @@
 """Hand-over of encoded batches: to Kafka (fleet mode) or in memory (single-node mode).
 
 LocalSink takes batches through a bounded queue; when it is full the oldest batch is
-dropped and counted ("agent_dropped"). KafkaSink compresses every batch once (an LZ4
-frame, header ``fs-encoding: lz4``, fleetscope/payload.py), appends it to a disk spool
+dropped and counted ("agent_dropped"). KafkaSink takes every batch compressed once (an LZ4
+frame, header ``fs-encoding: lz4``, fleetscope/payload.py: the agent's batcher compresses
+for a sink that ``compresses``, submit does it for a batch that comes raw), appends it to a disk spool
 (node_agent/spool.py) and sends it from there as it is, with Kafka's compression off, so a
 broker outage fills the disk, bounded and counted, not memory, and an agent restart loses
 nothing that was spooled. LocalSink hands the uncompressed batch over in memory.
