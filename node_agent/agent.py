@@ -57,6 +57,7 @@ def check_host(loader: str = "libbpf") -> None:
 
 
 STATS_STREAM = "pipeline_stats"
+REPORT_ROUNDS = 4  # report, then the loss its own spooling caused (see report_stats)
 # One row per (stage, stream, counter) of a report; strings are bounded fixed fields.
 STATS_DTYPE = np.dtype(
     [("time", "<u8"), ("value", "<u8"), ("stage", "S16"), ("component", "S48"), ("stream", "S48"),
@@ -228,8 +229,17 @@ class Agent:
                 self.report_stats()
 
     def report_stats(self) -> None:
-        """Ship the counters' increase since the last report as a pipeline_stats batch."""
+        """Ship the counters' increase since the last report as pipeline_stats batches.
+        Spooling a report can evict older batches; that loss is reported at once (a report
+        stays far smaller than a spool segment, so this ends), so the last report before a
+        stop leaves no loss untold."""
         self.read_kernel_counters()
+        for _ in range(REPORT_ROUNDS):
+            if not self._report_increase():
+                return
+
+    def _report_increase(self) -> bool:
+        """One pipeline_stats batch of what changed since the last; False if nothing did."""
         sink = self.sink.counters
         now: dict[tuple[str, str, str], int] = {}
         # losses with their reason (rows_dropped counts them all); the stats stream's own
@@ -256,7 +266,7 @@ class Agent:
         deltas = [(key, d) for key, d in deltas if d]
         self._reported = now
         if not deltas:
-            return
+            return False
         records = np.zeros(len(deltas), STATS_DTYPE)
         records["time"] = time.time_ns()
         records["component"] = f"agent-{self.batcher.epoch:x}"
@@ -264,6 +274,7 @@ class Agent:
         records["value"] = [d for _, d in deltas]
         for batch in self.batcher.cut_now(STATS_STREAM, records):
             self.sink.submit(batch)
+        return True
 
     def _histogram_readers(self) -> list[HistogramReader]:
         return [p.histograms for p in self._probes if isinstance(p, LoadedProbe) and p.histograms]
