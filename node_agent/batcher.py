@@ -272,6 +272,11 @@ class Batcher:
     def pending_rows(self) -> int:
         return sum(p.rows for p in self._pending.values())
 
+    def batching(self, stream: str) -> int:
+        """Rows of the stream read but not yet cut into a batch (at most batch_max_age old)."""
+        p = self._pending.get(stream)
+        return p.rows if p is not None else 0
+
     def _cut(self, stream: str) -> list[Batch]:
         p = self._pending.pop(stream)
         return self._encode(stream, p.filled(), p.rows)

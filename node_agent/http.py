@@ -61,6 +61,7 @@ class StatusServer:
                 "kernel_dropped": st.kernel_dropped[stream],
                 "records_read": st.records_read[stream],
                 "rows_redacted": st.rows_redacted[stream],
+                "rows_batching": agent.batcher.batching(stream),  # read, in a batch not yet cut
                 "rows_shipped": sink[f"{stream}.rows_shipped"],
                 "rows_dropped": sink[f"{stream}.rows_dropped"],
             }
