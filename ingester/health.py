@@ -128,6 +128,8 @@ class HealthServer:
         ):
             m.counter(name, help_text, ing.counters[name])
         m.counter("dlq_retries", "failed sends to the dead-letter topic (retried)", ing.dead_letters.retries)
+        m.counter("k8s_batches_waited", "batches held back (at most k8s_resolve_wait) for pods the Kubernetes "
+                  "watch was about to deliver; never while the watch is down", ing.enricher.waited_batches)  # fmt: skip
         m.gauge("in_flight_bytes", "bytes of Kafka messages fetched and not yet stored or dead-lettered",
                 ing.in_flight.bytes)  # fmt: skip
         m.gauge("in_flight_messages", "Kafka messages fetched and not yet stored or dead-lettered", len(ing.in_flight))

@@ -135,6 +135,9 @@ class Enricher:
         self.cache = PodCache(settings.k8s_deleted_grace)
         self.unenriched_rows = 0
         self.waited_seconds = 0.0
+        # batches held back for pods the watch was about to deliver (k8s_resolve_wait), counted
+        # when the wait starts; /metrics shows it as fleetscope_ingester_k8s_batches_waited_total
+        self.waited_batches = 0
         self._changed = asyncio.Event()
         self._given_up: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._watch: KubernetesWatch | None = None
@@ -185,6 +188,7 @@ class Enricher:
             "rows_unenriched": self.unenriched_rows,
             "pods_cached": len(self.cache.pods),
             "waited_ms": int(self.waited_seconds * 1000),
+            "waited_batches": self.waited_batches,
         }
         if self._watch is not None:
             out |= {f"k8s_{k}": v for k, v in self._watch.counters.items()}
@@ -251,6 +255,7 @@ class Enricher:
         deadline = batch.header.created_ns / 1e9 + self.settings.k8s_resolve_wait
         waiting = [i for i in result.pending if (i.pod_uid, i.container_id) not in self._given_up]
         if waiting and self.watching and time.time() < deadline:
+            self.waited_batches += 1
             started = time.monotonic()
             while waiting and self.watching and (left := deadline - time.time()) > 0:
                 self._changed.clear()

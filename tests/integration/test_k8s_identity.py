@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import clickhouse_connect
 import pytest
 
+from fleetscope import metrics
 from tests.support import k8s_api
 from tests.support.k8s_api import K8sApiServer, new_uid
 from tests.support.kubepods import Container, KubePods, kubepods, run_marker
@@ -29,6 +31,8 @@ from tests.support.sql_http import ServeSql, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.kafka, pytest.mark.integration]
 
+# the ingester's log line when its pod watch fails (and, with it, all waiting for pods)
+API_DOWN = "rows of unknown pods are written unenriched"
 COLUMNS = (
     "k8s_namespace", "k8s_pod", "k8s_container", "k8s_workload_kind", "k8s_workload", "k8s_node",
     "container_id", "pod_uid", "container_runtime", "cgroup_kind", "enriched", "k8s_labels", "k8s_annotations",
@@ -44,6 +48,13 @@ class Cluster:
     agent: FleetscopeProcess
     ingest: FleetscopeProcess
     marker: str
+    health_port: int  # the ingester's /metrics
+
+    def batches_waited(self) -> float:
+        """Batches the ingester held back for pods the watch was about to deliver (its own count)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return metrics.parse(text)["fleetscope_ingester_k8s_batches_waited_total", frozenset()]
 
     def rows(self, table: str, marker: str, want: int, timeout: float = 30) -> dict[str, dict[str, Any]]:
         """Rows of `table` caused by `/bin/sh -c 'exit 0' <marker>-*`, by marker suffix."""
@@ -79,7 +90,7 @@ def cluster(kafka_broker, bpf_objects, tmp_path_factory: pytest.TempPathFactory)
             "--group-id", prefix, "--stats-interval", "1s", "--k8s-api", "kubeconfig",
             "--k8s-kubeconfig", str(kubeconfig), "--k8s-resolve-wait", "6s",
             "--k8s-labels", "app.kubernetes.io/name,tier", "--k8s-annotations", "team.example/owner",
-            log=tmp / "ingest.log",
+            "--health-listen", "127.0.0.1:0", log=tmp / "ingest.log",
         )  # fmt: skip
         agent = FleetscopeProcess(
             "agent", "--brokers", kafka_broker.bootstrap, "--topic-prefix", prefix, "--bpf-dir", str(bpf_objects),
@@ -89,8 +100,10 @@ def cluster(kafka_broker, bpf_objects, tmp_path_factory: pytest.TempPathFactory)
             agent.wait_for_log("probe process running", 60)
             ingest.wait_for_log("kubernetes API at", 60)
             ingest.wait_for_log("consuming", 120)
+            line = next(ln for ln in ingest.log_text().splitlines() if "ingester health at" in ln)
+            port = int(line.split("http://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
             client = clickhouse_connect.get_client(dsn=sql.url)
-            yield Cluster(api, pods, client, agent, ingest, f"fsk8s-{uuid.uuid4().hex[:8]}")
+            yield Cluster(api, pods, client, agent, ingest, f"fsk8s-{uuid.uuid4().hex[:8]}", port)
             client.close()
 
 
@@ -218,18 +231,23 @@ def test_unreachable_api_writes_rows_unenriched_and_counts_them(cluster: Cluster
     known_c = kp.container(known_uid, "app", "containerd", "systemd", "burstable")
     known = k8s_api.pod("known-0", "shop", known_uid, containers=[("app", known_c.status_id)])
     api.add(known)
-    time.sleep(0.5)
+    # the pod is in the ingester's cache once a process of its container is stored enriched (the marker's
+    # prefix is not `m`'s, so it is not among the rows counted below)
+    run_marker(known_c.cgroup, f"{cluster.marker}cached-known")
+    expect(cluster.rows("process_exec", f"{cluster.marker}cached", 1)["known"], known_c, known, "Pod", "known-0")
+    downs = cluster.ingest.log_text().count(API_DOWN)
     api.stop()
-    cluster.ingest.wait_for_log("rows of unknown pods are written unenriched", 30)
+    wait_until(lambda: cluster.ingest.log_text().count(API_DOWN) > downs, 30, "the ingester noticing the API is gone")
+    # the watch is down from here on: no batch may start waiting for a pod (batches count when they start)
+    waited = cluster.batches_waited()
 
     unknown_c = kp.container(new_uid(), "app", "containerd", "systemd", "burstable")
-    started = time.monotonic()
     n = 5
     for i in range(n):
         run_marker(unknown_c.cgroup, f"{m}-unknown{i}")
     run_marker(known_c.cgroup, f"{m}-known")
     rows = cluster.rows("process_exec", m, n + 1)
-    assert time.monotonic() - started < 6, "rows of unknown pods waited for the API"
+    assert cluster.batches_waited() == waited, "rows of unknown pods were held back waiting for the API"
     for i in range(n):
         r = rows[f"unknown{i}"]
         assert (r["enriched"], r["k8s_namespace"], r["k8s_pod"], r["k8s_workload"]) == (0, "", "", "")
