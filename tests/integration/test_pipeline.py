@@ -20,6 +20,7 @@ from pathlib import Path
 import lz4.frame
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from fleetscope.codec import MAX_BATCH_BYTES, SCHEMAS, decode_batch
 from fleetscope.payload import unpack_message
@@ -118,23 +119,45 @@ async def marker_offsets(
     return last
 
 
-async def wait_committed(bootstrap: str, group: str, offsets: dict[TopicPartition, int], within: float) -> float:
-    """Poll the group's committed offsets until they cover `offsets`; returns when."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
+class CommitLog:
+    """Polls the group's committed offsets in the background and keeps when each value was
+    first seen, so the time rows became visible is known however long the test takes to
+    find out which offsets it needs."""
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self.group = group
+        self.seen: list[tuple[float, dict[TopicPartition, int]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> CommitLog:
+        await self.admin.start()
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self.admin.close()
+
+    async def _poll(self) -> None:
+        while True:
+            offsets = await self.admin.list_consumer_group_offsets(self.group)
+            self.seen.append((time.monotonic(), {tp: om.offset for tp, om in offsets.items()}))
+            await asyncio.sleep(0.05)
+
+    async def covered(self, offsets: dict[TopicPartition, int], within: float) -> float:
+        """When the group's commits first covered `offsets` (AssertionError after `within` s)."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            done = True
-            for tp, off in offsets.items():
-                committed = await consumer.committed(tp)
-                done &= committed is not None and committed >= off
-            if done:
-                return time.monotonic()
+            if self._task is not None and self._task.done():
+                self._task.result()  # the poller failed: its error, not a timeout
+            for when, committed in self.seen:
+                if all(committed.get(tp, -1) >= off for tp, off in offsets.items()):
+                    return when
             await asyncio.sleep(0.05)
-    finally:
-        await consumer.stop()
-    raise AssertionError(f"group {group} did not commit {offsets} within {within}s")
+        raise AssertionError(f"group {self.group} did not commit {offsets} within {within}s")
 
 
 async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tmp_path: Path) -> None:
@@ -155,10 +178,11 @@ async def test_processes_become_rows_through_kafka(kafka_broker, bpf_objects, tm
         agent.wait_for_log("probe process running", 60)
         ingest.wait_for_log("consuming", 120)
         marker = f"fsmark-{uuid.uuid4().hex[:12]}"
-        expected = spawn_markers(N, marker)
-        last_exit = time.monotonic()
-        offsets = await marker_offsets(brokers, prefix, marker, expected)
-        visible = await wait_committed(brokers, group, offsets, 60)
+        async with CommitLog(brokers, group) as commits:
+            expected = spawn_markers(N, marker)
+            last_exit = time.monotonic()
+            offsets = await marker_offsets(brokers, prefix, marker, expected)
+            visible = await commits.covered(offsets, 60)
         latency = visible - last_exit
         print(f"exec->row latency for the last of {N} processes: {latency:.2f}s")
         assert latency < 5.0, f"rows became visible {latency:.2f}s after the last exit"
