@@ -205,22 +205,42 @@ obj.set_rodata(targ_tgid=os.getpid(), **knobs)
 obj.set_max_entries("file_open_inflight", 4)
 obj.set_max_entries("file_open_events", 1 << 16)
 obj.load()
-for prog in ("tracepoint__syscalls__sys_enter_openat", "tracepoint__syscalls__sys_exit_openat"):
-    obj.attach(prog)
-ring = RingBuffer(obj.map_fd("file_open_events"), 1 << 16, obj.btf.struct_dtype("file_open_event"))
 fifo = fifo_dir / "fifo"
 os.mkfifo(fifo)
 fds = []
-readers = [threading.Thread(target=lambda: fds.append(os.open(fifo, os.O_RDONLY))) for _ in range(6)]
+go = threading.Event()
+
+def read_fifo():
+    go.wait()
+    fds.append(os.open(fifo, os.O_RDONLY))  # blocks until a writer comes
+
+# daemons: if they never all block, the exit below must not wait for them
+readers = [threading.Thread(target=read_fifo, daemon=True) for _ in range(6)]
 for t in readers:
     t.start()
-time.sleep(0.5)  # all six block in open() until a writer comes
+# Each reader's /proc syscall file ("NR args..." while it is blocked in syscall NR, "running"
+# otherwise), opened before the programs attach: every open of this process is traced from
+# then on, so the polling below must open nothing (it would take or overflow a map slot).
+polls = [os.open(f"/proc/self/task/{t.native_id}/syscall", os.O_RDONLY) for t in readers]
+for prog in ("tracepoint__syscalls__sys_enter_openat", "tracepoint__syscalls__sys_exit_openat"):
+    obj.attach(prog)
+ring = RingBuffer(obj.map_fd("file_open_events"), 1 << 16, obj.btf.struct_dtype("file_open_event"))
+go.set()
+# all six must be inside open() (past the enter program) before a writer comes
+openat = {"x86_64": b"257", "aarch64": b"56"}[os.uname().machine]
+deadline = time.monotonic() + 30
+while (blocked := sum(os.pread(fd, 64, 0).split(b" ", 1)[0] == openat for fd in polls)) < 6:
+    if time.monotonic() > deadline:
+        sys.exit(f"only {blocked} of 6 reader threads were blocked in openat after 30 s")
+    time.sleep(0.01)
+for fd in polls:
+    os.close(fd)
 writer = os.open(fifo, os.O_RDWR)  # the map is still full: this open is not followed either
 for t in readers:
     t.join()
 for fd in fds + [writer]:
     os.close(fd)
-time.sleep(0.05)
+# each open's exit program committed its record before the open returned: all are in the ring
 rows = ring.drain()
 raw = obj.lookup("file_open_stats", b"\0\0\0\0", 16 * num_possible_cpus())
 out["full"] = file_open.inflight_full(obj)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from node_agent.loader import LoadedProbe, cgroup2_mount, load_probe
 from node_agent.probes import get_probe
 from tests.support.procs import FleetscopeProcess
 from tests.support.real import require_real
+from tests.support.sql_http import free_port
 from tests.support.tracefs import run_in_private_tracefs
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
@@ -68,24 +71,63 @@ def new_cgroup(tag: str) -> Iterator[tuple[Path, int]]:
         path.rmdir()
 
 
-def run_in(cgroup: Path, code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+def run_in(cgroup: Path, code: str, *args: str, stdin: bool = False, stdout: bool = False) -> subprocess.Popen[str]:
     """Python code in a process that joined cgroup before exec (so all of it counts there);
-    stdin: a pipe to it (finish with communicate())."""
+    stdin / stdout: pipes to and from it (finish with communicate(), or use it as a context)."""
     return subprocess.Popen(
         ["/bin/sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && code=$1 && shift && exec "$0" -c "$code" "$@"',
          sys.executable, code, *args],
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, text=True,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE if stdout else None, text=True,
     )  # fmt: skip
 
 
+# n getppid, then `sleeps` relative clock_nanosleep(CLOCK_MONOTONIC, 0, 1.5 ms). Relative, unlike
+# time.sleep (an absolute deadline taken before the call): the kernel sleeps at least 1.5 ms from
+# its own entry, so every measured syscall is >= 1.5 ms. How much longer depends on the scheduler,
+# so the workload times each call from outside (and the getppid loop as a whole) and prints those
+# wall times as JSON: a syscall lies inside its wrapper, so they bound what the probe may measure.
 SYSCALLS = """
-import os, sys, time
+import ctypes, json, os, sys, time
 n, sleeps = int(sys.argv[1]), int(sys.argv[2])
+t0 = time.monotonic_ns()
 for _ in range(n):
     os.getppid()
+getppid_ns = time.monotonic_ns() - t0
+libc = ctypes.CDLL(None, use_errno=True)
+class timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+req = timespec(0, 1_500_000)
+sleeps_ns = []
 for _ in range(sleeps):
-    time.sleep(0.0015)  # clock_nanosleep
+    t0 = time.monotonic_ns()
+    err = libc.clock_nanosleep(1, 0, ctypes.byref(req), None)  # CLOCK_MONOTONIC, relative
+    sleeps_ns.append(time.monotonic_ns() - t0)
+    assert err == 0, os.strerror(err)
+print(json.dumps({"getppid_ns": getppid_ns, "sleeps_ns": sleeps_ns}))
 """
+SLEEP_NS = 1_500_000  # what SYSCALLS asks each clock_nanosleep for
+
+
+def slot(ns: int) -> int:
+    """The histogram slot of a duration, as the probe computes it: floor(log2), the last slot open."""
+    return min(max(ns, 1).bit_length() - 1, 31)
+
+
+def at_or_above(hist: np.ndarray) -> np.ndarray:
+    """Per slot i, how many samples lie in slot i or higher."""
+    return np.cumsum(hist[::-1])[::-1]
+
+
+def assert_sums_inside_buckets(rows: np.ndarray) -> None:
+    """Every row's sum_ns is the sum of samples each inside its slot [2^i, 2^(i+1)) ns (slot 0
+    from 0, the last slot open): at least the lower edges' sum, below the upper edges' sum."""
+    slots = rows["buckets"].shape[1]
+    lower = np.array([0] + [1 << i for i in range(1, slots)], np.uint64)
+    upper = np.array([1 << (i + 1) for i in range(slots)], np.uint64)
+    buckets = rows["buckets"].astype(np.uint64)
+    assert (rows["sum_ns"] >= buckets @ lower).all()
+    bounded = buckets[:, -1] == 0
+    assert (rows["sum_ns"][bounded] < (buckets @ upper)[bounded]).all()
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +147,10 @@ def test_syscalls_of_a_cgroup_are_counted_exactly_and_bucketed(bpf_dir: Path) ->
             "raw_syscalls/sys_enter": "raw_tp__sys_enter",
             "raw_syscalls/sys_exit": "raw_tp__sys_exit",
         }
-        child = run_in(cgroup, SYSCALLS, str(n), str(sleeps))
-        assert child.wait() == 0
+        child = run_in(cgroup, SYSCALLS, str(n), str(sleeps), stdout=True)
+        out, _ = child.communicate()
+        assert child.returncode == 0
+        walls = np.array(json.loads(out)["sleeps_ns"], np.int64)  # each sleep's wrapper
         probe.detach()  # nothing after this: the totals below are final
         collect([reader])
         rows = rows_of(reader, "syscall_latency")
@@ -118,37 +162,70 @@ def test_syscalls_of_a_cgroup_are_counted_exactly_and_bucketed(bpf_dir: Path) ->
     sleep = by_nr[NR_CLOCK_NANOSLEEP]
     assert sleep["count"].sum() == sleeps
     hist = sleep["buckets"].sum(axis=0)
+    # each sleep measured >= 1.5 ms (what it asked) and <= its wrapper's wall time, however
+    # late the scheduler woke it: the slots lie between, call by call. Unpaired, that reads:
+    # nothing below the 1.5 ms slot, and at or above every slot no more samples than wrappers
+    # (on an idle machine the wrappers are all in the 1.5 ms slot, so the samples must be too)
     assert hist[:BUCKET_1_5_MS].sum() == 0  # never shorter than asked
-    assert hist[BUCKET_1_5_MS] >= 0.9 * sleeps  # a loaded machine may oversleep a few
-    assert 1_500_000 * sleeps <= sleep["sum_ns"].sum() < 3_000_000 * sleeps
+    wall_hist = np.bincount([slot(int(w)) for w in walls], minlength=hist.size)
+    assert (at_or_above(hist) <= at_or_above(wall_hist)).all(), (hist.tolist(), wall_hist.tolist())
+    assert SLEEP_NS * sleeps <= sleep["sum_ns"].sum() <= walls.sum()
     # every row: count is its histogram's sum, the mean lies inside the used buckets
     assert (rows["count"] == rows["buckets"].sum(axis=1)).all() and (rows["count"] > 0).all()
+    assert_sums_inside_buckets(rows)
     assert (rows["interval_ns"] > 0).all() and (rows["pad"] == 0).all()
     # samples recorded == kernel emitted - dropped, across all intervals, once detached
     assert stats["dropped"] == 0
     assert rows["count"].sum() == stats["emitted"]
 
 
+# getppid in a tight loop until stdin ends; prints how many calls it made
+GETPPID_UNTIL_EOF = """
+import os, sys, threading
+eof = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), eof.set()), daemon=True).start()
+calls = 0
+while not eof.is_set():
+    for _ in range(1000):
+        os.getppid()
+    calls += 1000
+print(calls)
+"""
+
+
 def test_flipping_generations_loses_no_sample(bpf_dir: Path) -> None:
     """getppid in a tight loop while the agent side ends an interval every few ms; each
     generation is read 5 keys per batch call, so reads span many calls."""
-    n = 300_000
+    n = 300_000  # at least this many calls, in at least 5 intervals, all while flipping
+    deadline = time.monotonic() + 60
+    parts: list[np.ndarray] = []
+    spanned = seen = flips = 0
     with new_cgroup("flip") as (cgroup, cgid), loaded("syscall_latency", bpf_dir) as (probe, reader):
         reader.maps[0].capacity = 5
-        child = run_in(cgroup, SYSCALLS, str(n), "0")
-        flips = 0
-        while child.poll() is None:
-            collect([reader])
-            flips += 1
-            time.sleep(0.002)
-        assert child.returncode == 0
+        with run_in(cgroup, GETPPID_UNTIL_EOF, stdin=True, stdout=True) as child:
+            assert child.stdin is not None and child.stdout is not None
+            # the loop runs until the flips have seen it in enough intervals, however slowly
+            # it gets the CPU; it ends only when told, so flipping goes on until its last call
+            while child.poll() is None:
+                assert time.monotonic() < deadline, f"{seen} calls in {spanned} intervals after 60 s ({flips} flips)"
+                collect([reader])
+                flips += 1
+                parts.append(part := rows_of(reader, "syscall_latency"))
+                ours = part[(part["cgroup_id"] == cgid) & (part["nr"] == NR_GETPPID)]
+                spanned, seen = spanned + (len(ours) > 0), seen + int(ours["count"].sum())
+                if spanned >= 5 and seen >= n and not child.stdin.closed:
+                    child.stdin.close()
+                time.sleep(0.002)
+            assert child.returncode == 0
+            calls = int(child.stdout.read())
         probe.detach()
         collect([reader])
-        rows = rows_of(reader, "syscall_latency")
+        parts.append(rows_of(reader, "syscall_latency"))
         stats = probe.stats()["syscall_latency"]
+    rows = np.concatenate(parts)
     mine = rows[(rows["cgroup_id"] == cgid) & (rows["nr"] == NR_GETPPID)]
     assert len(mine) >= 5, f"the loop should span several intervals ({flips} flips)"
-    assert mine["count"].sum() == n
+    assert calls >= n and mine["count"].sum() == calls
     assert rows["count"].sum() == stats["emitted"] - stats["dropped"]
 
 
@@ -387,25 +464,68 @@ def query(data_dir: Path, sql: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+def histogram_reads(port: int, stream: str) -> int:
+    """The agent's records_read of a histogram stream (/status): it grows at every interval's end."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30) as resp:
+        return int(json.load(resp)["streams"].get(stream, {}).get("records_read", 0))
+
+
+def wait_for_interval_ends(run: FleetscopeProcess, port: int, stream: str, ends: int, timeout: float = 60) -> None:
+    """Until the agent has ended `ends` more intervals of stream (it is always busy, so every
+    interval has rows) than when called."""
+    deadline, last, seen = time.monotonic() + timeout, -1, -1
+    while seen < ends:
+        assert time.monotonic() < deadline, f"{seen} of {ends} interval ends in {timeout}s:\n{run.log_text()[-3000:]}"
+        assert run.proc is not None and run.proc.poll() is None, run.log_text()[-3000:]
+        try:
+            now = histogram_reads(port, stream)
+        except OSError:  # not serving yet, or busy past the timeout: ask again
+            now = last
+        if last < 0 <= now:
+            seen = 0
+        elif now > last >= 0:
+            seen += 1
+        last = max(last, now)
+        time.sleep(0.1)
+
+
+def slot_top_us(ns: int) -> float:
+    """The upper edge of the slot of a duration, in µs: what the README's quantiles (linear
+    inside the slot of the sample they pick) can at most read for a sample <= ns."""
+    return (1 << (slot(ns) + 1)) / 1e3
+
+
+def quantile_bound_us(walls: list[int], q: float) -> float:
+    """The README's q quantile picks the sample of rank ceil(q * calls). Each call's kernel time
+    is <= its wrapper's, so the k-th shortest kernel time is <= the k-th shortest wrapper's."""
+    return slot_top_us(sorted(walls)[math.ceil(q * len(walls)) - 1])
+
+
 def test_histograms_reach_clickhouse_and_the_readme_queries_work(bpf_dir: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "store"
     n, sleeps = 3000, 100
+    port = free_port()
     run = FleetscopeProcess(
         "run", "--data-dir", str(data_dir), "--bpf-dir", str(bpf_dir), "--status", "log",
-        "--probes", ",".join(HISTOGRAM_PROBES), "--histogram-interval", "1s",
+        "--probes", ",".join(HISTOGRAM_PROBES), "--histogram-interval", "1s", "--status-listen", f"127.0.0.1:{port}",
         log=tmp_path / "run.log",
     )  # fmt: skip
     with new_cgroup("e2e") as (cgroup, cgid), run:
         run.wait_for_log("probe runqueue_latency running", 120)
-        child = run_in(cgroup, SYSCALLS, str(n), str(sleeps))  # ~0.2 s: spans 1 s intervals
-        assert child.wait() == 0
+        child = run_in(cgroup, SYSCALLS, str(n), str(sleeps), stdout=True)  # ~0.2 s: spans 1 s intervals
+        out, _ = child.communicate()
+        assert child.returncode == 0
+        walls = json.loads(out)
         target = tmp_path / "e2e.bin"
         with open(target, "wb") as f:
             for _ in range(8):
                 f.write(os.urandom(1 << 16))
                 f.flush()
                 os.fsync(f.fileno())
-        time.sleep(1.5)  # at least one interval ends with the workload in it
+        # at least one interval ends with the workload in it. The agent flips an interval, then
+        # reads it (records_read grows): a read seen from now on may be of a flip before now,
+        # the next one is of an interval that ended after now, so after the workload
+        wait_for_interval_ends(run, port, "syscall_latency", 2)
         run.stop(signal.SIGINT)
     assert run.returncode == 0, run.log_text()[-3000:]
 
@@ -413,10 +533,15 @@ def test_histograms_reach_clickhouse_and_the_readme_queries_work(bpf_dir: Path, 
     assert syscalls["getppid"]["calls"] == n
     sleep = syscalls["clock_nanosleep"]
     assert sleep["calls"] == sleeps
-    assert 1048.576 <= sleep["p50_us"] <= 2097.152  # in the 1.5 ms bucket, [2^20, 2^21) ns
-    assert sleep["p50_us"] <= sleep["p99_us"] < 50_000  # the agent shares these 2 CPUs: a few oversleep
-    assert 1500 <= sleep["avg_us"] < 5000
-    assert 0 < syscalls["getppid"]["p50_us"] < 100  # sub-µs: tens of ns on a fast CPU, hence 3 decimals
+    # each sleep's kernel time lies between the 1.5 ms asked ([2^20, 2^21) ns) and its wrapper's
+    # wall time (idle: the 1.5 ms slot too), so the quantiles' slots do
+    sleeps_ns = walls["sleeps_ns"]
+    assert 1048.576 <= sleep["p50_us"] <= quantile_bound_us(sleeps_ns, 0.5), sorted(sleeps_ns)
+    assert sleep["p50_us"] <= sleep["p99_us"] <= quantile_bound_us(sleeps_ns, 0.99), sorted(sleeps_ns)
+    assert 1500 <= sleep["avg_us"] <= sum(sleeps_ns) / sleeps / 1e3 + 0.05  # avg_us is rounded to 0.1
+    # sub-µs getppid reads > 0 (hence 3 decimals). The n kernel times sum to <= the loop's wall
+    # time W, so at most half of them are >= 2W/n: the median (rank n/2) is below that
+    assert 0 < syscalls["getppid"]["p50_us"] <= slot_top_us(2 * walls["getppid_ns"] // n), walls["getppid_ns"]
 
     runq = {r["cgroup_id"]: r for r in query(data_dir, readme_query("runqueue_latency"))}
     assert runq[cgid]["waits"] >= sleeps  # each wakeup from a sleep waited, if only briefly
