@@ -74,7 +74,7 @@ def started(argv: list[str], comm: bytes, cwd: Path | None = None) -> subprocess
         assert p.stdout is not None
         assert p.stdout.readline() == b"ready\n"
         p.stdout.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while Path(f"/proc/{p.pid}/comm").read_bytes().strip() != comm:
         assert time.monotonic() < deadline, f"{argv} did not exec"
         time.sleep(0.005)

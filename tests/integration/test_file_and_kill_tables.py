@@ -43,7 +43,9 @@ def require_bcc() -> None:
 def sleeper() -> subprocess.Popen[bytes]:
     """`sleep 30`, returned once it has exec'd."""
     p = subprocess.Popen(["sleep", "30"])
+    deadline = time.monotonic() + 60
     while Path(f"/proc/{p.pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "sleep did not exec"
         time.sleep(0.005)
     return p
 

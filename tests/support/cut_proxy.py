@@ -40,7 +40,8 @@ class CutProxy:
         self.cut()
         self._call(self._cancel_pipes())
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "cut proxy's loop did not stop"
         self._loop.close()
 
     async def _cancel_pipes(self) -> None:
@@ -81,11 +82,13 @@ class CutProxy:
         self._writers |= pair
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(1 << 16):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
+            try:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(1 << 16):
+                        dst.write(data)
+                        await dst.drain()
+            finally:  # cancelled too: an unclosed transport warns in whichever test runs later
+                dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers -= pair

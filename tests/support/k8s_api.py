@@ -191,7 +191,8 @@ class K8sApiServer:
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+            self._thread.join(60)
+            assert not self._thread.is_alive(), "the test API server's loop did not stop"
             self._loop = None
 
     def __enter__(self) -> K8sApiServer:

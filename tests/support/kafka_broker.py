@@ -248,7 +248,7 @@ class KafkaBroker:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
         """Start the broker and block until it serves clients.
 
         Formats the KRaft storage first if it never was.  Raises :class:`KafkaBrokerError`
@@ -317,7 +317,7 @@ class KafkaBroker:
         proc.wait()
         self._proc = None
 
-    def restart(self, timeout: float = 60.0) -> None:
+    def restart(self, timeout: float = 180.0) -> None:
         """Stop cleanly and start again on the same port and log directory."""
         self.stop()
         self.start(timeout)
