@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +152,32 @@ def run_exchanges(n: int, v4: int, v6: int) -> list[Exchange]:
     ]
 
 
+def wait_until_sockets_destroyed(pairs: Collection[tuple[int, int]], timeout: float = 30.0) -> None:
+    """Wait until the kernel has destroyed every socket of these connections (port pairs,
+    either end), which is when the probe writes their rows (tcp:tcp_destroy_sock). Both ends
+    must have been closed by their processes.
+
+    A closed socket not yet destroyed (FIN-WAIT, CLOSING, LAST-ACK: final segments not yet
+    processed) is listed in /proc/net/tcp{,6} of this netns. An end that reached TIME-WAIT
+    was destroyed as it did: a timewait socket took its place, listed with timer 3 in the
+    `tr` column whatever state it shows (an orphan still waiting for the peer's FIN shows
+    FIN-WAIT-2)."""
+    ends = {(a, b) for a, b in pairs} | {(b, a) for a, b in pairs}
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                local, remote = int(f[1].rpartition(":")[2], 16), int(f[2].rpartition(":")[2], 16)
+                if (local, remote) in ends and f[5].partition(":")[0] != "03":
+                    alive.append(line)
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"sockets not destroyed within {timeout}s:\n" + "\n".join(alive)
+        time.sleep(0.02)
+
+
 # --- probe helpers ---------------------------------------------------------------------------
 
 
@@ -180,7 +206,7 @@ def probe(bpf_dir: Path) -> Iterator[LoadedProbe]:
         yield p
 
 
-def collect(probe: LoadedProbe, want: Callable[[np.ndarray], bool], timeout: float = 5.0) -> np.ndarray:
+def collect(probe: LoadedProbe, want: Callable[[np.ndarray], bool], timeout: float = 30.0) -> np.ndarray:
     """Drain the ring until want(all records so far) holds, then once more a little later
     (so a duplicate would show); records arrive when the kernel destroys a socket, which
     may lag the close() a little (final ACK, orphan processing)."""
@@ -263,12 +289,13 @@ def test_every_connection_is_one_connect_and_one_accept_row(probe: LoadedProbe, 
     t1 = boot_ns()
     assert len(rec) == 2 * N
     assert rec.dtype.itemsize == 128
-    clients = {int(r["local_port"]): r for r in rec[rec["role"] == CONNECT]}
-    servers = {int(r["remote_port"]): r for r in rec[rec["role"] == ACCEPT]}
-    assert sorted(clients) == sorted(servers) == sorted(x.client_port for x in done)
+    # an IPv4 and an IPv6 connection may get the same client port: the family is part of the key
+    clients = {(int(r["family"]), int(r["local_port"])): r for r in rec[rec["role"] == CONNECT]}
+    servers = {(int(r["family"]), int(r["remote_port"])): r for r in rec[rec["role"] == ACCEPT]}
+    assert sorted(clients) == sorted(servers) == sorted((x.family, x.client_port) for x in done)
     host_ns = netns_inode()
     for x in done:
-        c, s = clients[x.client_port], servers[x.client_port]
+        c, s = clients[x.family, x.client_port], servers[x.family, x.client_port]
         loop = V4_LOOPBACK if x.family == 4 else V6_LOOPBACK
         for r in (c, s):
             assert r["family"] == x.family
@@ -328,11 +355,13 @@ def test_linger_zero_close_is_a_reset_on_both_ends(probe: LoadedProbe) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     seen: list[BaseException] = []
+    read = threading.Event()
 
     def serve() -> None:
         conn, _ = listener.accept()
         with conn:
             assert conn.recv(100, socket.MSG_WAITALL) == b"x" * 100
+            read.set()
             try:
                 conn.recv(100)
             except ConnectionResetError as e:
@@ -342,7 +371,9 @@ def test_linger_zero_close_is_a_reset_on_both_ends(probe: LoadedProbe) -> None:
     t.start()
     c = socket.create_connection(("127.0.0.1", port))
     c.sendall(b"x" * 100)
-    time.sleep(0.1)  # let the server read and block again
+    # the server has read the request; whether the RST finds it blocked in recv() or not yet
+    # in it, that recv() fails with ECONNRESET (sk_err is set and nothing is left to read)
+    assert read.wait(30)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client_port = c.getsockname()[1]
     c.close()
@@ -494,6 +525,7 @@ def test_the_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, 
     script = tmp_path / "tp.py"
     script.write_text(
         "import json, socket, time\n"
+        "import numpy as np\n"
         "from dataclasses import dataclass\n"
         "from pathlib import Path\n"
         "from node_agent.loader import load_probe\n"
@@ -511,9 +543,14 @@ def test_the_classic_tracepoints_attach_where_tracefs_is_mounted(bpf_dir: Path, 
         "    s, _ = l.accept()\n"
         "    c.sendall(b'a' * 1000); s.recv(1000, socket.MSG_WAITALL); s.sendall(b'b' * 10)\n"
         "    c.recv(10, socket.MSG_WAITALL); c.close(); s.close(); l.close()\n"
-        "    time.sleep(0.2)\n"
-        "    r = p.rings['tcp_connections'].drain()\n"
-        "    r = r[(r['remote_port'] == port) | (r['local_port'] == port)]\n"
+        "    def mine(r):\n"
+        "        return r[(r['remote_port'] == port) | (r['local_port'] == port)]\n"
+        "    r, deadline = mine(p.rings['tcp_connections'].drain()), time.monotonic() + 30\n"
+        "    while len(r) < 2 and time.monotonic() < deadline:  # written as the sockets are destroyed\n"
+        "        time.sleep(0.02)\n"
+        "        r = np.concatenate([r, mine(p.rings['tcp_connections'].drain())])\n"
+        "    time.sleep(0.1)  # and once more, so that a duplicate would show\n"
+        "    r = np.concatenate([r, mine(p.rings['tcp_connections'].drain())])\n"
         "    print(json.dumps({'attached': p.attached, 'rows': sorted(\n"
         "        [int(x['role']), int(x['bytes_sent']), int(x['bytes_received'])] for x in r)}))\n"
     )
@@ -596,7 +633,9 @@ def test_connections_become_rows_through_fleetscope_run(bpf_dir: Path, tmp_path:
         with running_server(n) as (server, v4, v6):
             server_comm = comm_of(server.pid).decode()
             done = run_exchanges(n, v4, v6)
-        time.sleep(0.3)  # the last sockets are destroyed after the final ACKs
+        # the last sockets are destroyed after the final ACKs; their rows must be in the
+        # ring before the probes detach
+        wait_until_sockets_destroyed([(x.client_port, x.server_port) for x in done])
         run.stop(signal.SIGINT)  # shutdown drains the rings and flushes every batch
     assert run.returncode == 0, run.log_text()
     rows = query(
