@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from fleetscope.store import migrate, table_types
 from tests.support.real import require_real
-from tests.support.sql_http import ServeSql
+from tests.support.sql_http import ServeSql, wait_until
 
 try:
     from compression import zstd  # type: ignore[import-not-found]
@@ -267,24 +268,49 @@ def test_many_clients_at_once(server: ServeSql) -> None:
 
 
 def test_a_slow_select_does_not_hold_up_inserts(server: ServeSql) -> None:
+    """Inserts complete while a long SELECT keeps the engine busy. The SELECT (a sipHash64
+    scan that would run for hours) is seen reading in system.processes before the first
+    insert, is still there after the last one, and ends only when cancelled then: every
+    insert finished while it ran. An insert held up by it would wait until the SELECT's
+    max_execution_time (wall clock, so no estimate ends it early) stopped it with an error."""
     c = client(server)
     c.command("CREATE TABLE IF NOT EXISTS default.fast (i UInt64) ENGINE = MergeTree ORDER BY i")
+    before = c.query("SELECT count() FROM default.fast").result_rows[0][0]
+    select = f"SELECT sum(sipHash64(number)), '{uuid.uuid4().hex}' FROM numbers(1000000000000)"
+    backstop = "max_execution_time = 60, timeout_before_checking_execution_speed = 0"
+    # the process list shows the query as sent; matching its start leaves out the queries that look for it
+    mine = "startsWith(query, {select:String})"
     slow_done = threading.Event()
+    ended: list[DatabaseError] = []
 
     def slow() -> None:
-        client(server).query("SELECT sum(sipHash64(number)) FROM numbers(300000000)")
-        slow_done.set()
+        try:
+            client(server).query(f"{select} SETTINGS {backstop}")
+        except DatabaseError as e:
+            ended.append(e)
+        finally:
+            slow_done.set()
 
-    t = threading.Thread(target=slow)
+    def rows_read() -> list[int]:
+        """Rows the slow SELECT has read so far, if the engine lists it as running."""
+        found = c.query(f"SELECT read_rows FROM system.processes WHERE {mine}", parameters={"select": select})
+        return [r[0] for r in found.result_rows]
+
+    t = threading.Thread(target=slow, daemon=True)
     t.start()
-    time.sleep(0.5)
-    latencies = []
-    while not slow_done.is_set() and len(latencies) < 20:
-        started = time.monotonic()
-        c.insert("default.fast", [list(range(10000))], column_names=["i"], column_oriented=True)
-        latencies.append(time.monotonic() - started)
-    t.join()
-    assert latencies and max(latencies) < 1.0, f"inserts took up to {max(latencies):.2f}s during a slow SELECT"
+    try:
+        wait_until(lambda: any(n > 0 for n in rows_read()), 30, "the slow SELECT reading rows")
+        overlapped: list[bool] = []
+        for _ in range(20):
+            c.insert("default.fast", [list(range(10000))], column_names=["i"], column_oriented=True)
+            overlapped.append(not slow_done.is_set())
+        still_listed = len(rows_read()) == 1
+    finally:
+        c.command(f"KILL QUERY WHERE {mine} SYNC", parameters={"select": select})
+        t.join(60)
+    assert overlapped == [True] * 20, f"inserts finished only once the SELECT ended: {overlapped}"
+    assert still_listed and [e.code for e in ended] == [394]  # QUERY_WAS_CANCELLED: by the KILL, not by its timeout
+    assert c.query("SELECT count() FROM default.fast").result_rows[0][0] == before + 20 * 10000
 
 
 def test_clickhouse_go_in_http_mode(server: ServeSql, tmp_path: Path) -> None:
