@@ -235,6 +235,7 @@ class KubernetesWatch:
             self.connected = up
             if up:
                 log.info("kubernetes API at %s reachable; pods listed, watching", self._server)
+            self.on_change()  # a batch waiting for a pod stops waiting once the watch is down
 
     async def _run(self, name: str, res: Any) -> None:
         assert self._client is not None

@@ -131,6 +131,14 @@ async def test_enricher_waits_for_pods_the_watch_is_about_to_deliver(api: K8sApi
     assert out is not None and out.unenriched == 1 and enricher.waited_batches == 2
 
 
+async def test_a_waiting_batch_stops_waiting_when_the_watch_goes_down(api: K8sApiServer, enricher: Enricher) -> None:
+    batch = identity_batch([(A, "u-lost", "containerd", "container")] * 10)
+    batch.header.created_ns += 57 * 10**9  # its window ends 60 s from now: only the watch's loss can end it sooner
+    asyncio.get_running_loop().call_later(0.3, api.stop)
+    out = await asyncio.wait_for(enricher.enrich(batch), 30)
+    assert out is not None and out.unenriched == 10 and enricher.waited_batches == 1 and not enricher.watching
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
